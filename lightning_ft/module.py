@@ -1,0 +1,293 @@
+"""FineTuneModule: a pretrained backbone plus a swappable head, as a LightningModule."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassF1Score
+
+from lightning_ft.backbones import feature_dim as backbone_feature_dim
+from lightning_ft.backbones import (
+    backbone_features,
+    create_backbone,
+    format_layer_groups,
+    is_timm_model,
+    layer_groups,
+    pool_features,
+    to_tokens,
+)
+from lightning_ft.heads import build_head
+from lightning_ft.optim import WarmupCosine, align_scheduler, build_scheduler, param_groups_layer_decay
+
+__all__ = ["FineTuneModule"]
+
+HeadName = Literal["linear", "mlp", "attention", "prototype"]
+
+
+class FineTuneModule(L.LightningModule):
+    """Fine-tune a pretrained backbone with a classification head.
+
+    Args:
+        backbone: a timm model name (``"resnet50"``, ``"tf_efficientnet_lite0"``, ``"vit_small_patch16_224"``)
+            or an ``nn.Module`` that maps images to features (then give ``feature_dim`` unless it has
+            ``num_features``).
+        num_classes: number of classes (>= 2).
+        head: ``"linear"``, ``"mlp"``, ``"attention"`` (pooling over tokens / spatial positions),
+            ``"prototype"`` (cosine classifier) or an ``nn.Module`` mapping features to logits.
+        head_kwargs: extra arguments of the named head (e.g. ``{"hidden_dim": 256}`` for ``mlp``).
+        pretrained: ``None`` (random init), ``True`` (the offline weights shipped for this backbone),
+            an offline asset name (``"efficientnet_lite0"``) or a ``.safetensors`` / torch weights file.
+        in_chans: input channels (bands); the pretrained stem is adapted by timm (13 for Sentinel-2).
+        img_size: input size for models with a fixed size (ViT position embeddings are resampled);
+            for CNNs it is recorded in :attr:`data_config` so datamodules resize to it.
+        feature_dim: feature width of an ``nn.Module`` backbone without ``num_features``.
+        freeze_backbone: linear probing: backbone weights frozen, its BatchNorm kept in eval mode,
+            and no graph kept through it.
+        lr: the head's learning rate (peak of the schedule).
+        weight_decay: decoupled weight decay (none on biases, norms, position embeddings, tokens).
+        layer_decay: layer-wise lr decay: the group ``k`` levels below the head gets ``lr * layer_decay**k``.
+            ``None`` gives every group ``lr``.
+        label_smoothing: cross-entropy label smoothing.
+        warmup: fraction of the optimizer steps spent in linear warm-up (default schedule only).
+        min_lr_ratio: final lr of the default cosine schedule as a fraction of the peak.
+        optimizer: optimizer factory taking param groups (LightningCLI: ``class_path`` + ``init_args``);
+            its ``lr`` / ``weight_decay`` come from this module, not from ``init_args``.
+        lr_scheduler: scheduler factory taking the optimizer. ``None``: linear warm-up then cosine over
+            ``trainer.estimated_stepping_batches``. Unset ``total_steps``/``T_max``/``max_lr`` are filled in.
+        scheduler_interval: ``"step"`` or ``"epoch"`` for a custom ``lr_scheduler``.
+        scheduler_monitor: metric for ``ReduceLROnPlateau``.
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module = "resnet18",
+        num_classes: int = 10,
+        head: HeadName | nn.Module = "linear",
+        head_kwargs: dict[str, Any] | None = None,
+        pretrained: bool | str | None = None,
+        in_chans: int = 3,
+        img_size: int | None = None,
+        feature_dim: int | None = None,
+        freeze_backbone: bool = False,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        layer_decay: float | None = None,
+        label_smoothing: float = 0.0,
+        warmup: float = 0.1,
+        min_lr_ratio: float = 0.01,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["step", "epoch"] = "step",
+        scheduler_monitor: str = "val/loss",
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(
+                f"num_classes must be an integer >= 2, got {num_classes!r}. For one binary target use num_classes=2."
+            )
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}.")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
+        if not 0.0 <= warmup < 1.0:
+            raise ValueError(f"warmup is a fraction of the training steps in [0, 1), got {warmup}.")
+        if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
+            raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}. Typical values: 0.65-0.9.")
+        # module-valued arguments cannot live in a checkpoint's hparams; checkpoints of string
+        # backbones rebuild alone, nn.Module ones need backbone=/head= again at load time
+        ignore = ["optimizer", "lr_scheduler"]
+        ignore += [k for k, v in (("backbone", backbone), ("head", head)) if isinstance(v, nn.Module)]
+        self.save_hyperparameters(ignore=ignore)
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+
+        if isinstance(backbone, str):
+            self.backbone = create_backbone(backbone, pretrained, in_chans=in_chans, img_size=img_size)
+        elif isinstance(backbone, nn.Module):
+            if pretrained not in (None, False):
+                raise ValueError(
+                    "pretrained= applies to timm backbone names; this backbone is an nn.Module. "
+                    "Load its weights before passing it (or use lightning_ft.backbones.load_weights_file)."
+                )
+            self.backbone = backbone
+        else:
+            raise TypeError(f"backbone must be a timm model name or an nn.Module, got {type(backbone).__name__}.")
+        self.num_features = backbone_feature_dim(self.backbone, feature_dim)
+        self.num_classes = num_classes
+        self.head = self._make_head(head, head_kwargs)
+        self.freeze_backbone = freeze_backbone
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
+
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes, average="micro"),
+                "f1": MulticlassF1Score(num_classes, average="macro"),
+                "ece": MulticlassCalibrationError(num_classes),
+            }
+        )
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    # ------------------------------------------------------------------ model
+    def _make_head(self, head: str | nn.Module, head_kwargs: dict[str, Any] | None) -> nn.Module:
+        if isinstance(head, nn.Module):
+            if head_kwargs:
+                raise ValueError("head_kwargs only apply to a head given by name; this head is an nn.Module.")
+            return head
+        return build_head(head, self.num_features, self.num_classes, **(head_kwargs or {}))
+
+    def replace_head(self, head: str | nn.Module, **head_kwargs: Any) -> nn.Module:
+        """Swap the head (by name or module); returns the new head. Rebuild optimizers afterwards."""
+        self.head = self._make_head(head, head_kwargs or None)
+        if isinstance(head, str):
+            self.hparams["head"] = head
+            self.hparams["head_kwargs"] = head_kwargs or None
+        return self.head
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """timm's data config of the backbone: input_size, mean, std, interpolation."""
+        chans = self.hparams.get("in_chans", 3)
+        size = self.hparams.get("img_size")
+        if is_timm_model(self.backbone):
+            from timm.data import resolve_model_data_config
+
+            config = dict(resolve_model_data_config(self.backbone))
+        else:
+            config = {"input_size": (chans, 224, 224), "mean": (0.5,) * chans, "std": (0.5,) * chans}
+        if size:
+            config["input_size"] = (chans, size, size)
+        config["input_size"] = (chans, *config["input_size"][1:])
+        for key in ("mean", "std"):  # per band, as timm's adapt_input_conv maps the RGB kernels
+            values = tuple(config[key])
+            if len(values) != chans:
+                config[key] = (sum(values) / len(values),) if chans == 1 else tuple(values[i % len(values)] for i in range(chans))
+        return config
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Unpooled backbone features (no graph through a frozen backbone)."""
+        if self.freeze_backbone:
+            with torch.no_grad():
+                return backbone_features(self.backbone, x)
+        return backbone_features(self.backbone, x)
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pooled features (B, D), logits (B, C))`` -- what domain-adaptation losses need."""
+        feats = self.features(x)
+        pooled = pool_features(self.backbone, feats)
+        logits = self.head(to_tokens(feats) if getattr(self.head, "wants_tokens", False) else pooled)
+        return pooled, logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.features(x)
+        if getattr(self.head, "wants_tokens", False):
+            return self.head(to_tokens(feats))
+        return self.head(pool_features(self.backbone, feats))
+
+    def train(self, mode: bool = True) -> FineTuneModule:
+        super().train(mode)
+        if self.freeze_backbone and mode:
+            self.backbone.eval()  # frozen BatchNorm keeps its statistics
+        return self
+
+    def layer_groups(self):
+        """The ordered layer groups (stem first, head last) used for layer decay and unfreezing."""
+        return layer_groups(self)
+
+    def describe_layer_groups(self) -> str:
+        return format_layer_groups(self)
+
+    # --------------------------------------------------------------- training
+    def _check_targets(self, y: torch.Tensor) -> None:
+        if y.dtype.is_floating_point or y.ndim != 1:
+            raise ValueError(
+                f"Targets must be a 1-D integer tensor of class indices, got dtype {y.dtype} and shape {tuple(y.shape)}."
+            )
+        bad = (y < 0) | (y >= self.num_classes)
+        if bool(bad.any()):
+            raise ValueError(
+                f"Label {int(y[bad][0])} is outside [0, {self.num_classes - 1}]: the model has num_classes="
+                f"{self.num_classes}. Set num_classes to the number of classes in the data (labels 0..num_classes-1)."
+            )
+
+    def _shared_step(self, batch: Any, metrics: MetricCollection, stage: str) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        self._check_targets(y)
+        logits = self(x)
+        loss = F.cross_entropy(
+            logits.float(), y, label_smoothing=self.hparams.label_smoothing if stage == "train" else 0.0
+        )
+        metrics.update(logits.detach().float().softmax(-1), y)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=not on_step)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=len(y))
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, self.train_metrics, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(x).float().softmax(dim=-1)
+
+    # -------------------------------------------------------------- optimizer
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        groups = param_groups_layer_decay(
+            self, layer_groups(self), lr=hp.lr, weight_decay=hp.weight_decay, layer_decay=hp.layer_decay
+        )
+        optimizer = self.optimizer(groups)
+        _check_optimizer_defaults(optimizer, hp.lr)
+        interval = hp.scheduler_interval
+        if self.lr_scheduler is None:
+            total = int(self.trainer.estimated_stepping_batches)
+            schedule = WarmupCosine(total, int(hp.warmup * total), hp.min_lr_ratio)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+            interval = "step"
+        else:
+            length = int(self.trainer.estimated_stepping_batches) if interval == "step" else int(self.trainer.max_epochs)
+            scheduler = build_scheduler(self.lr_scheduler, optimizer, length)
+        align_scheduler(scheduler, optimizer)
+        config = {"scheduler": scheduler, "interval": interval}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = hp.scheduler_monitor
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    # ------------------------------------------------------------- checkpoint
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the weights are in the checkpoint: rebuilding it must not need the pretrained file
+        hparams = checkpoint.get("hyper_parameters")
+        if isinstance(hparams, dict) and "pretrained" in hparams:
+            hparams = dict(hparams)
+            hparams["pretrained"] = None
+            checkpoint["hyper_parameters"] = hparams
+
+
+def _check_optimizer_defaults(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The module's lr is the truth; an lr set in the optimizer's own arguments would be overridden."""
+    try:
+        default = inspect.signature(type(optimizer).__init__).parameters["lr"].default
+    except (KeyError, ValueError, TypeError):
+        return
+    given = optimizer.defaults.get("lr")
+    if isinstance(default, (int, float)) and given not in (default, lr) and given is not None:
+        raise ValueError(
+            f"The optimizer was given lr={given}, but FineTuneModule sets each param group's lr from its own "
+            f"lr={lr} (times the layer decay). Set model.lr (init_args of the model), not the optimizer's lr."
+        )
+
