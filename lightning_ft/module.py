@@ -125,6 +125,7 @@ class FineTuneModule(L.LightningModule):
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:
             self.backbone.requires_grad_(False)
+            self.backbone.eval()
 
         metrics = MetricCollection(
             {
@@ -198,6 +199,12 @@ class FineTuneModule(L.LightningModule):
         if self.freeze_backbone and mode:
             self.backbone.eval()  # frozen BatchNorm keeps its statistics
         return self
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Lightning restores each submodule's mode by attribute after validation, bypassing train():
+        # a frozen backbone is put back in eval here so its BatchNorm statistics never move
+        if self.freeze_backbone and self.backbone.training:
+            self.backbone.eval()
 
     def layer_groups(self):
         """The ordered layer groups (stem first, head last) used for layer decay and unfreezing."""
