@@ -455,17 +455,21 @@ def _generic_groups(module: nn.Module) -> list[list[str]]:
 
 
 def _group_name(names: Sequence[str], prefix: str) -> str:
+    """``blocks.3.1`` for one block; ``blocks.6.0+conv_head+bn2`` when a group spans several modules."""
     rel = [n[len(prefix):] if n.startswith(prefix) else n for n in names]
-    parts = [r.split(".") for r in rel]
-    common: list[str] = []
-    for items in zip(*parts):
-        if len(set(items)) != 1:
-            break
-        common.append(items[0])
-    if common and len(common) < min(len(p) for p in parts):
-        return ".".join(common)
-    tops = list(dict.fromkeys(p[0] for p in parts))
-    return "+".join(tops[:3]) + ("+..." if len(tops) > 3 else "")
+    by_top: dict[str, list[list[str]]] = {}
+    for r in rel:
+        parts = r.split(".")
+        by_top.setdefault(parts[0], []).append(parts[:-1])  # module path, without the param name
+    labels = []
+    for top, paths in by_top.items():
+        common: list[str] = []
+        for items in zip(*paths):
+            if len(set(items)) != 1:
+                break
+            common.append(items[0])
+        labels.append(".".join(common) or top)
+    return "+".join(labels[:3]) + ("+..." if len(labels) > 3 else "")
 
 
 def layer_groups(model: nn.Module, head: str | Sequence[str] | None = None) -> list[LayerGroup]:
