@@ -26,6 +26,7 @@ __all__ = [
     "WarmupCosine",
     "align_scheduler",
     "build_scheduler",
+    "layer_decay_groups",
     "no_weight_decay_names",
     "param_groups_layer_decay",
 ]
@@ -81,13 +82,26 @@ def param_groups_layer_decay(
     if missing:
         raise ValueError(f"Parameters in no layer group: {missing[:5]}. Every parameter needs a group.")
     skip = set(no_weight_decay_names(model) if no_weight_decay is None else no_weight_decay)
+    return layer_decay_groups(params, groups, lr, weight_decay, layer_decay, skip)
+
+
+def layer_decay_groups(
+    params: dict[str, torch.nn.Parameter],
+    groups: Sequence[LayerGroup],
+    lr: float,
+    weight_decay: float,
+    layer_decay: float | None,
+    skip: set[str],
+) -> list[dict[str, Any]]:
+    """The groups for the parameters in ``params`` (any subset of the model; depth from ``groups``)."""
     decay = 1.0 if layer_decay is None else layer_decay
     depth = len(groups)
     out: list[dict[str, Any]] = []
     for layer_id, group in enumerate(groups):
         scale = decay ** (depth - 1 - layer_id)
-        with_wd = [params[n] for n in group.param_names if n not in skip]
-        without = [params[n] for n in group.param_names if n in skip]
+        names = [n for n in group.param_names if n in params]
+        with_wd = [params[n] for n in names if n not in skip]
+        without = [params[n] for n in names if n in skip]
         for suffix, plist, wd in (("", with_wd, weight_decay), ("/no_decay", without, 0.0)):
             if plist:
                 out.append(

@@ -1,0 +1,475 @@
+"""GradualUnfreezing: train the head first, then thaw layer groups from the top (ULMFiT-style).
+
+Phases are cumulative sets of trainable parameters. Phase 0 is the head alone (linear probing);
+each later phase adds the next layer group(s) below. A phase ends when the monitored validation
+metric plateaus and/or at an epoch milestone.
+
+How it stays right where other tools go wrong:
+
+* **No new param groups.** Frozen parameters are already in the optimizer (FineTuneModule and
+  :class:`LayerwiseLRDecay` keep them; a user's ``AdamW(self.parameters())`` does too), so a
+  transition only flips ``requires_grad``. Every scheduler keeps running exactly as if all groups
+  had been scheduled from the start, optimizer state of groups already training is untouched.
+* **DDP.** The reducer only syncs params that required grad when DDP wrapped the model, so after a
+  transition the module is wrapped anew (which also broadcasts rank 0's weights).
+* **Frozen BatchNorm** stays in eval mode across ``model.train()`` calls (or trains with ``train_bn``).
+* **No backward through the frozen prefix**: nothing below the first trainable layer requires grad.
+* **Resume**: phase, patience counter, best score (and best weights with ``restore_best``) are
+  in ``state_dict``; the restored phase is applied before DDP wraps and the optimizer state loads.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from lightning_ft.backbones import LayerGroup, layer_groups
+from lightning_ft.callbacks._common import (
+    batchnorm_modules,
+    check_strategy,
+    group_label,
+    optimizer_param_ids,
+    rewrap_ddp,
+    trainable_count,
+)
+
+__all__ = ["GradualUnfreezing", "LinearProbing"]
+
+MilestoneSpec = dict[int, list[str] | str]
+
+
+class GradualUnfreezing(Callback):
+    """Unfreeze layer groups from the head down, on a validation plateau and/or at epoch milestones.
+
+    Args:
+        monitor: validation metric that drives plateau transitions; ``None`` uses milestones only.
+        mode: ``"min"`` or ``"max"`` for ``monitor``.
+        patience: validation epochs without improvement before the next phase.
+        min_delta: smallest change that counts as an improvement.
+        groups_per_step: layer groups thawed per plateau transition (default phases).
+        max_depth: how many groups below the head may ever be thawed (``0``: linear probing;
+            ``None``: all).
+        milestones: ``{epoch: groups}``; groups are layer-group names (or name prefixes, e.g.
+            ``"blocks.6"``) or ``"all"``, e.g. ``{0: ["head"], 5: ["blocks.6", "blocks.5"], 20: "all"}``.
+            Each entry starts a phase at that epoch (earlier on a plateau when ``monitor`` is set).
+        phases: explicit phases as regexes over parameter names, cumulative, e.g.
+            ``["head|fc|classifier", "head|fc|classifier|norm|blocks\\.1[01]", ".*"]``.
+        head: names/prefixes of the head for modules without a timm backbone (default: the last group).
+        restore_best: at a transition, load the best weights of the phase that ended.
+        warmup_steps: newly thawed groups ramp their lr linearly over this many steps (their
+            scheduled lr is multiplied by the ramp only inside the optimizer step; schedulers never see it).
+        train_bn: let BatchNorm layers of frozen groups update their statistics (default: eval mode).
+        verbose: print a line on rank zero at each transition.
+    """
+
+    def __init__(
+        self,
+        monitor: str | None = "val/loss",
+        mode: Literal["min", "max"] = "min",
+        patience: int = 2,
+        min_delta: float = 0.0,
+        groups_per_step: int = 1,
+        max_depth: int | None = None,
+        milestones: MilestoneSpec | None = None,
+        phases: list[str] | None = None,
+        head: str | list[str] | None = None,
+        restore_best: bool = False,
+        warmup_steps: int = 0,
+        train_bn: bool = False,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}.")
+        if patience < 0 or groups_per_step < 1 or warmup_steps < 0:
+            raise ValueError("patience and warmup_steps must be >= 0 and groups_per_step >= 1.")
+        if max_depth is not None and max_depth < 0:
+            raise ValueError(f"max_depth must be >= 0 (0 = linear probing) or None, got {max_depth}.")
+        if milestones is not None and phases is not None:
+            raise ValueError("Give either milestones= (group names per epoch) or phases= (regexes), not both.")
+        if monitor is None and milestones is None:
+            raise ValueError(
+                "GradualUnfreezing needs a trigger: monitor= (plateau) and/or milestones= (epochs). "
+                "For a frozen backbone throughout, use LinearProbing() or max_depth=0."
+            )
+        self.monitor = monitor
+        self.mode = mode
+        self.patience = patience
+        self.min_delta = abs(min_delta)
+        self.groups_per_step = groups_per_step
+        self.max_depth = max_depth
+        self.milestones = {int(k): v for k, v in (milestones or {}).items()}
+        self.phase_patterns = list(phases) if phases is not None else None
+        self.head = head
+        self.restore_best = restore_best
+        self.warmup_steps = warmup_steps
+        self.train_bn = train_bn
+        self.verbose = verbose
+        # state (see state_dict)
+        self.phase = 0
+        self.wait = 0
+        self.best: float | None = None
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.transitions: list[dict[str, Any]] = []
+        # built in setup
+        self._phases: list[frozenset[str]] = []
+        self._phase_labels: list[list[str]] = []
+        self._phase_epochs: list[int | None] = []
+        self._module: L.LightningModule | None = None
+        self._frozen_bn: list[nn.Module] = []
+        self._warm_groups: dict[int, int] = {}  # optimizer group index -> step it was thawed at
+        self._hooks: list[Any] = []
+        self._saved_lrs: dict[int, float] = {}
+        self._checked_logged = False
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode, milestones=sorted(self.milestones))
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "phase": self.phase,
+            "wait": self.wait,
+            "best": self.best,
+            "transitions": list(self.transitions),
+        }
+        if self.restore_best and self.best_weights is not None:
+            state["best_weights"] = self.best_weights
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.phase = int(state_dict["phase"])
+        self.wait = int(state_dict["wait"])
+        self.best = state_dict["best"]
+        self.transitions = list(state_dict.get("transitions", []))
+        self.best_weights = state_dict.get("best_weights")
+        if self._module is not None and self._phases:
+            # callback state is restored after setup and before DDP wraps the module: apply it now
+            self._apply_phase(self._module)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        check_strategy(trainer, type(self).__name__)
+        self._module = pl_module
+        self._build_phases(pl_module)
+        if self.monitor is not None and not _has_validation(trainer, pl_module):
+            raise ValueError(
+                f"{type(self).__name__} monitors '{self.monitor}', but this fit runs no validation (no "
+                "validation_step/val_dataloader, or limit_val_batches=0). Add validation or use milestones= "
+                "with monitor=None."
+            )
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
+        late = [e for e in self.milestones if max_epochs is not None and e >= max_epochs]
+        if late:
+            rank_zero_warn(
+                f"GradualUnfreezing milestones at epochs {late} are at or beyond max_epochs={max_epochs}: "
+                "those phases will never start. Lower them or raise max_epochs."
+            )
+        self._apply_phase(pl_module)
+
+    def _build_phases(self, pl_module: L.LightningModule) -> None:
+        names = [n for n, _ in pl_module.named_parameters()]
+        if self.phase_patterns is not None:
+            self._build_regex_phases(names)
+            return
+        groups = layer_groups(pl_module, head=self.head)
+        if len(groups) < 2:
+            raise ValueError(
+                f"GradualUnfreezing found no head in {type(pl_module).__name__}: its layer groups are "
+                f"{[g.name for g in groups]}. Pass head='<module name of the classifier>' or phases=[regexes]."
+            )
+        head, body = groups[-1], groups[:-1]
+        if self.milestones:
+            self._build_milestone_phases(head, body)
+            return
+        depth = len(body) if self.max_depth is None else min(self.max_depth, len(body))
+        phases = [frozenset(head.param_names)]
+        labels = [[head.name]]
+        thawed = 0
+        while thawed < depth:
+            step = body[len(body) - thawed - min(self.groups_per_step, depth - thawed): len(body) - thawed]
+            thawed += len(step)
+            phases.append(phases[-1] | {n for g in step for n in g.param_names})
+            labels.append([g.name for g in reversed(step)])
+        self._phases, self._phase_labels = phases, labels
+        self._phase_epochs = [None] * len(phases)
+
+    def _build_milestone_phases(self, head: LayerGroup, body: Sequence[LayerGroup]) -> None:
+        all_groups = [*body, head]
+        owner: dict[str, int] = {}
+        phases: list[frozenset[str]] = []
+        labels: list[list[str]] = []
+        epochs: list[int | None] = []
+        current: set[str] = set()
+        items = sorted(self.milestones.items())
+        if not items or items[0][0] != 0:
+            items.insert(0, (0, [head.name]))
+        for epoch, spec in items:
+            chosen = all_groups if spec == "all" else self._select_groups(spec, all_groups, epoch)
+            for g in chosen:
+                if g.name in owner and spec != "all":
+                    raise ValueError(
+                        f"Layer group '{g.name}' is claimed by the milestones at epochs {owner[g.name]} and {epoch}. "
+                        "List each group once (phases are cumulative)."
+                    )
+                owner.setdefault(g.name, epoch)
+            current |= {n for g in chosen for n in g.param_names}
+            if epoch == 0:
+                current |= set(head.param_names)
+            phases.append(frozenset(current))
+            labels.append([g.name for g in chosen])
+            epochs.append(epoch)
+        self._phases, self._phase_labels, self._phase_epochs = phases, labels, epochs
+
+    def _select_groups(self, spec: list[str] | str, groups: Sequence[LayerGroup], epoch: int) -> list[LayerGroup]:
+        wanted = [spec] if isinstance(spec, str) else list(spec)
+        chosen: list[LayerGroup] = []
+        for want in wanted:
+            hits = [g for g in groups if g.name == want or g.name.startswith(f"{want}.") or g.name.startswith(f"{want}+")]
+            if not hits:
+                raise ValueError(
+                    f"Milestone at epoch {epoch} names layer group '{want}', which does not exist. "
+                    f"Layer groups: {', '.join(g.name for g in groups)} (or 'all')."
+                )
+            chosen += [g for g in hits if g not in chosen]
+        return chosen
+
+    def _build_regex_phases(self, names: list[str]) -> None:
+        phases: list[frozenset[str]] = []
+        labels: list[list[str]] = []
+        current: set[str] = set()
+        for i, pattern in enumerate(self.phase_patterns or []):
+            try:
+                regex = re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"Phase {i} pattern {pattern!r} is not a valid regex: {err}.") from err
+            hits = {n for n in names if regex.search(n)}
+            if not hits:
+                raise ValueError(
+                    f"Phase {i} pattern {pattern!r} matches no parameter. Parameter names look like: "
+                    f"{', '.join(names[:3])}, ..., {', '.join(names[-2:])}."
+                )
+            new = hits - current
+            if i > 0 and not new:
+                rank_zero_warn(f"Phase {i} pattern {pattern!r} adds no parameter to phase {i - 1}.")
+            current |= hits
+            phases.append(frozenset(current))
+            labels.append([pattern])
+        self._phases, self._phase_labels = phases, labels
+        self._phase_epochs = [None] * len(phases)
+
+    # ---------------------------------------------------------------- phases
+    @property
+    def num_phases(self) -> int:
+        return len(self._phases)
+
+    def trainable_names(self) -> frozenset[str]:
+        return self._phases[min(self.phase, len(self._phases) - 1)]
+
+    def _apply_phase(self, pl_module: L.LightningModule) -> None:
+        trainable = self.trainable_names()
+        for name, p in pl_module.named_parameters():
+            p.requires_grad_(name in trainable)
+        self._frozen_bn = []
+        if not self.train_bn:
+            params = dict(pl_module.named_parameters())
+            for name, bn in batchnorm_modules(pl_module):
+                own = [f"{name}.{n}" for n, _ in bn.named_parameters(recurse=False)]
+                if own and not any(params[n].requires_grad for n in own):
+                    self._frozen_bn.append(bn)
+        self._bn_to_eval()
+
+    def _bn_to_eval(self) -> None:
+        for bn in self._frozen_bn:
+            if bn.training:
+                bn.eval()
+
+    def _transition(self, trainer: L.Trainer, pl_module: L.LightningModule, target: int, reason: str) -> None:
+        target = min(target, self.num_phases - 1)
+        if target <= self.phase:
+            return
+        if self.restore_best and self.best_weights is not None:
+            pl_module.load_state_dict(self.best_weights, strict=False)
+        before = {n for n, p in pl_module.named_parameters() if p.requires_grad}
+        self.phase = target
+        self._apply_phase(pl_module)
+        for m in pl_module.modules():  # thawed BatchNorm trains with the module again
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in self._frozen_bn:
+                m.train(pl_module.training)
+        thawed = [n for n, p in pl_module.named_parameters() if p.requires_grad and n not in before]
+        self._mark_warmup(trainer, set(thawed), pl_module)
+        rewrap_ddp(trainer)
+        self.wait = 0
+        self.best = None
+        self.best_weights = None
+        record = {
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+            "phase": self.phase,
+            "groups": self._phase_labels[self.phase],
+            "reason": reason,
+        }
+        self.transitions.append(record)
+        if self.verbose:
+            rank_zero_info(
+                f"GradualUnfreezing: epoch {trainer.current_epoch}, {reason}: unfroze "
+                f"{', '.join(self._phase_labels[self.phase])} (phase {self.phase}/{self.num_phases - 1}, "
+                f"{trainable_count(pl_module):,} trainable parameters)."
+            )
+
+    # ----------------------------------------------------------------- warmup
+    def _mark_warmup(self, trainer: L.Trainer, thawed: set[str], pl_module: L.LightningModule) -> None:
+        if not self.warmup_steps or not thawed:
+            return
+        ids = {id(p) for n, p in pl_module.named_parameters() if n in thawed}
+        for opt in trainer.optimizers:
+            for i, g in enumerate(opt.param_groups):
+                if any(id(p) in ids for p in g["params"]):
+                    self._warm_groups[i] = trainer.global_step
+
+    def _install_warmup_hooks(self, trainer: L.Trainer) -> None:
+        if not self.warmup_steps or self._hooks:
+            return
+        for opt in trainer.optimizers:
+            self._hooks.append(opt.register_step_pre_hook(self._pre_step))
+            self._hooks.append(opt.register_step_post_hook(self._post_step))
+
+    def _warm_factor(self, trainer: L.Trainer, start: int) -> float:
+        done = trainer.global_step - start
+        return 1.0 if done >= self.warmup_steps else (done + 1) / (self.warmup_steps + 1)
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
+        trainer = self._module.trainer if self._module is not None else None
+        if trainer is None:
+            return
+        self._saved_lrs = {}
+        for i, start in list(self._warm_groups.items()):
+            factor = self._warm_factor(trainer, start)
+            if factor >= 1.0:
+                del self._warm_groups[i]
+                continue
+            self._saved_lrs[i] = optimizer.param_groups[i]["lr"]
+            optimizer.param_groups[i]["lr"] = self._saved_lrs[i] * factor
+
+    def _post_step(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
+        for i, lr in self._saved_lrs.items():
+            optimizer.param_groups[i]["lr"] = lr
+        self._saved_lrs = {}
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        in_optimizer = optimizer_param_ids(trainer)
+        missing = [n for n, p in pl_module.named_parameters() if id(p) not in in_optimizer]
+        later = {n for phase in self._phases for n in phase}
+        missing = [n for n in missing if n in later]
+        if missing:
+            raise ValueError(
+                f"GradualUnfreezing will thaw parameters that are not in the optimizer ({', '.join(missing[:3])}, ...). "
+                "Build the optimizer over all parameters, frozen ones included (e.g. AdamW(self.parameters())), "
+                "or add the LayerwiseLRDecay callback, which does it: adding param groups to a live optimizer "
+                "breaks its scheduler."
+            )
+        if self.warmup_steps:
+            mixed = [
+                group_label(g, i)
+                for opt in trainer.optimizers
+                for i, g in enumerate(opt.param_groups)
+                if len({p.requires_grad for p in g["params"]}) > 1
+            ]
+            if mixed:
+                raise ValueError(
+                    f"warmup_steps needs one param group per layer group, but groups {mixed[:3]} mix frozen and "
+                    "trainable parameters. Add LayerwiseLRDecay (or use FineTuneModule), or set warmup_steps=0."
+                )
+        self._install_warmup_hooks(trainer)
+        # milestones already passed (resume) or at epoch 0
+        self._apply_milestones(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._apply_milestones(trainer, pl_module)
+        self._bn_to_eval()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._bn_to_eval()  # Lightning restores module modes by attribute after validation
+
+    def _apply_milestones(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        due = [i for i, e in enumerate(self._phase_epochs) if e is not None and e <= trainer.current_epoch]
+        if due and max(due) > self.phase:
+            self._transition(trainer, pl_module, max(due), f"milestone epoch {self._phase_epochs[max(due)]}")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.log("unfreeze/phase", float(self.phase), on_epoch=True, on_step=False, sync_dist=False)
+        pl_module.log("unfreeze/trainable_params", float(trainable_count(pl_module)), on_epoch=True, on_step=False)
+        for opt in trainer.optimizers:
+            for i, g in enumerate(opt.param_groups):
+                pl_module.log(f"unfreeze/lr/{group_label(g, i)}", float(g["lr"]), on_epoch=True, on_step=False)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor is None or trainer.state.fn != "fit":
+            return
+        current = trainer.callback_metrics.get(self.monitor)
+        if current is None:
+            logged = ", ".join(sorted(trainer.callback_metrics)) or "nothing"
+            raise ValueError(
+                f"GradualUnfreezing monitors `{self.monitor}`, which was not logged. Logged: {logged}. "
+                f"Log it with self.log('{self.monitor}', ...) or set monitor=."
+            )
+        # the same value on every rank, so every rank keeps the same counters
+        metric = torch.as_tensor(current, dtype=torch.float32, device=pl_module.device)
+        value = float(trainer.strategy.reduce(metric, reduce_op="mean"))
+        improved = self._improved(value)
+        if improved:
+            self.best, self.wait = value, 0
+            if self.restore_best:
+                self.best_weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        else:
+            self.wait += 1
+        plateau = self.wait >= self.patience and self.phase < self.num_phases - 1
+        plateau = bool(trainer.strategy.reduce_boolean_decision(plateau, all=True))
+        if plateau:
+            best = f"{self.best:.4g}" if self.best is not None else "n/a"
+            self._transition(
+                trainer, pl_module, self.phase + 1,
+                f"{self.monitor} did not improve for {self.wait} epochs (best {best})",
+            )
+
+    def _improved(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        if self.best is None:
+            return True
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+class LinearProbing(GradualUnfreezing):
+    """Linear probing: only the head trains, for the whole fit (GradualUnfreezing with max_depth=0)."""
+
+    def __init__(self, head: str | list[str] | None = None, train_bn: bool = False) -> None:
+        super().__init__(monitor=None, milestones={0: []}, head=head, train_bn=train_bn, verbose=False)
+
+
+def _has_validation(trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    if trainer.limit_val_batches == 0:
+        return False
+    return is_overridden("validation_step", pl_module)
+
