@@ -1,0 +1,220 @@
+"""GradualUnfreezing logic on scripted metric sequences, phases, frozen layers and bad input."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from torch import nn
+
+from lightning_ft import FineTuneModule
+from lightning_ft.callbacks import GradualUnfreezing, LinearProbing
+from lightning_ft.callbacks._common import check_strategy
+from tests.conftest import fast_trainer, random_loader
+from tests.helpers import ScriptedModule, vector_loader
+
+
+def _trainable(module):
+    return {n.rsplit(".", 1)[0] for n, p in module.named_parameters() if p.requires_grad}
+
+
+def _fit(module, callback, epochs, **kwargs):
+    trainer = fast_trainer(max_epochs=epochs, callbacks=[callback], **kwargs)
+    trainer.fit(module, vector_loader(), vector_loader(n=8))
+    return trainer
+
+
+def test_plateau_transitions_follow_the_scripted_metric():
+    values = [1.0, 0.9, 0.95, 0.96, 0.8, 0.85, 0.86, 0.87]
+    module = ScriptedModule(values)
+    cb = GradualUnfreezing(monitor="val/score", mode="min", patience=2, verbose=False)
+    _fit(module, cb, epochs=8)
+    # improve at 0, 1; no improvement at 2, 3 -> phase 1 at epoch 3; best restarts: 4 improves; 5, 6 -> phase 2
+    assert [(t["epoch"], t["phase"], t["groups"]) for t in cb.transitions] == [(3, 1, ["body.2"]), (6, 2, ["body.1"])]
+    assert _trainable(module) == {"head", "body.2", "body.1"}
+    assert cb.phase == 2 and cb.wait == 0 and cb.best == pytest.approx(0.87)  # a new phase restarts the count
+
+
+def test_min_delta_mode_max_groups_per_step_and_max_depth():
+    # 0.50 -> 0.505 is not an improvement by 0.01: plateau after one epoch (patience 1)
+    module = ScriptedModule([0.5, 0.505, 0.7, 0.7, 0.9, 0.9])
+    cb = GradualUnfreezing(monitor="val/score", mode="max", patience=1, min_delta=0.01, groups_per_step=2,
+                           max_depth=2, verbose=False)
+    _fit(module, cb, epochs=6)
+    assert [(t["epoch"], t["groups"]) for t in cb.transitions] == [(1, ["body.2", "body.1"])]
+    assert _trainable(module) == {"head", "body.2", "body.1"}  # max_depth=2: body.0 never thaws
+    assert cb.num_phases == 2
+
+
+def test_milestones_thaw_named_groups_at_their_epochs():
+    module = ScriptedModule()
+    seen = {}
+
+    class Spy(GradualUnfreezing):
+        def on_train_epoch_start(self, trainer, pl_module):
+            super().on_train_epoch_start(trainer, pl_module)
+            seen[trainer.current_epoch] = _trainable(pl_module)
+
+    cb = Spy(monitor=None, milestones={1: ["body.2"], 3: "all"}, verbose=False)
+    _fit(module, cb, epochs=4)
+    assert seen == {
+        0: {"head"}, 1: {"head", "body.2"}, 2: {"head", "body.2"}, 3: {"head", "body.2", "body.1", "body.0"},
+    }
+
+
+def test_regex_phases_are_cumulative():
+    module = ScriptedModule([1.0, 1.0, 1.0, 1.0])
+    cb = GradualUnfreezing(monitor="val/score", patience=1, phases=[r"^head\.", r"^head\.|body\.2", ".*"], verbose=False)
+    _fit(module, cb, epochs=4)
+    # the first validation of a phase sets its best; the next flat one is a plateau (patience 1)
+    assert [(t["epoch"], t["phase"]) for t in cb.transitions] == [(1, 1), (3, 2)]
+    assert _trainable(module) == {"head", "body.2", "body.1", "body.0"}
+
+
+def test_linear_probing_preset_never_thaws():
+    module = ScriptedModule()
+    _fit(module, LinearProbing(), epochs=2)
+    assert _trainable(module) == {"head"}
+
+
+def test_monitor_that_was_never_logged_lists_what_was():
+    with pytest.raises(ValueError, match=r"monitors `val/acc`, which was not logged\. Logged: .*val/loss.*self\.log"):
+        _fit(ScriptedModule(), GradualUnfreezing(monitor="val/acc"), epochs=1)
+
+
+def test_monitor_without_validation_is_refused_at_setup():
+    trainer = fast_trainer(max_epochs=1, callbacks=[GradualUnfreezing(monitor="val/loss")], limit_val_batches=0)
+    with pytest.raises(ValueError, match="runs no validation"):
+        trainer.fit(ScriptedModule(), vector_loader())
+
+
+def test_pattern_matching_no_parameter_is_refused():
+    with pytest.raises(ValueError, match=r"Phase 1 pattern 'blocks\\\\.1\[01\]' matches no parameter"):
+        _fit(ScriptedModule(), GradualUnfreezing(phases=["head", r"blocks\.1[01]"]), epochs=1)
+
+
+def test_group_claimed_by_two_milestones_is_refused():
+    cb = GradualUnfreezing(monitor=None, milestones={1: ["body.2"], 2: ["body.2", "body.1"]})
+    with pytest.raises(ValueError, match="'body.2' is claimed by the milestones at epochs 1 and 2"):
+        _fit(ScriptedModule(), cb, epochs=1)
+
+
+def test_unknown_milestone_group_lists_the_groups():
+    cb = GradualUnfreezing(monitor=None, milestones={1: ["blocks.7"]})
+    with pytest.raises(ValueError, match="'blocks.7', which does not exist. Layer groups: body.0, body.1, body.2, head"):
+        _fit(ScriptedModule(), cb, epochs=1)
+
+
+def test_milestone_beyond_max_epochs_warns():
+    with pytest.warns(UserWarning, match=r"milestones at epochs \[5\] are at or beyond max_epochs=2"):
+        _fit(ScriptedModule(), GradualUnfreezing(monitor=None, milestones={5: "all"}), epochs=2)
+
+
+def test_unsupported_strategy_is_refused():
+    with pytest.raises(ValueError, match="FSDPStrategy.*Use strategy='ddp'"):
+        check_strategy(SimpleNamespace(strategy=FSDPStrategy()), "GradualUnfreezing")
+
+
+def test_module_without_a_head_is_refused():
+    class One(ScriptedModule):
+        def __init__(self):
+            super().__init__()
+            del self.body, self.head
+            self.only = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.only(x)
+
+    with pytest.raises(ValueError, match="found no head in One.*head="):
+        _fit(One(), GradualUnfreezing(), epochs=1)
+
+
+def test_optimizer_without_the_frozen_params_is_refused_with_the_fix():
+    module = ScriptedModule([1.0], only_trainable=True)
+    with pytest.raises(ValueError, match=r"not in the optimizer.*AdamW\(self.parameters\(\)\).*LayerwiseLRDecay"):
+        _fit(module, GradualUnfreezing(monitor="val/score"), epochs=1)
+
+
+def test_frozen_layers_unchanged_bn_in_eval_and_no_graph_through_the_prefix():
+    torch.manual_seed(0)
+    model = FineTuneModule("test_resnet", num_classes=3, lr=0.05)
+    frozen_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    grads_seen = []
+    model.backbone.layer4.register_forward_hook(lambda m, i, o: grads_seen.append(o.requires_grad))
+    cb = GradualUnfreezing(monitor=None, milestones={0: ["head"]}, verbose=False)
+    trainer = fast_trainer(max_epochs=2, callbacks=[cb])
+    trainer.fit(model, random_loader(), random_loader(n=8))
+    for k, v in model.backbone.state_dict().items():
+        assert torch.equal(v, frozen_before[k]), k  # weights and BatchNorm statistics
+    assert grads_seen and not any(grads_seen)  # the backbone output never carries a graph
+    bns = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    model.train()  # what Lightning and users do; the callback puts frozen BatchNorm back
+    cb.on_train_batch_start(trainer, model, None, 0)
+    assert bns and not any(bn.training for bn in bns)
+
+
+def test_train_bn_lets_frozen_batchnorm_statistics_move():
+    torch.manual_seed(0)
+    model = FineTuneModule("test_resnet", num_classes=3)
+    stats = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)][0]
+    before = stats.running_mean.clone()
+    cb = GradualUnfreezing(monitor=None, milestones={0: ["head"]}, train_bn=True, verbose=False)
+    fast_trainer(max_epochs=1, callbacks=[cb]).fit(model, random_loader())
+    assert not torch.equal(stats.running_mean, before)
+    assert not stats.weight.requires_grad
+
+
+def test_thawed_layers_train_and_keep_their_lr_curve_while_the_rest_stays_frozen():
+    torch.manual_seed(0)
+    model = FineTuneModule("test_resnet", num_classes=3, layer_decay=0.5, lr=0.05)
+    stem_before = model.backbone.conv1[0].weight.clone()
+    top_before = model.backbone.layer4[0].conv1.weight.clone()
+    cb = GradualUnfreezing(monitor=None, milestones={1: ["layer4.0"]}, verbose=False)
+    fast_trainer(max_epochs=2, callbacks=[cb]).fit(model, random_loader())
+    assert torch.equal(model.backbone.conv1[0].weight, stem_before)
+    assert not torch.equal(model.backbone.layer4[0].conv1.weight, top_before)
+
+
+def test_restore_best_goes_back_to_the_best_weights_of_the_phase():
+    module = ScriptedModule([0.5, 0.9, 0.9, 0.9])  # best at epoch 0, then plateau (mode min)
+    snapshots = {}
+
+    class Snap(GradualUnfreezing):
+        def on_validation_end(self, trainer, pl_module):
+            snapshots[trainer.current_epoch] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+            super().on_validation_end(trainer, pl_module)
+
+    cb = Snap(monitor="val/score", patience=1, restore_best=True, verbose=False)
+    captured = {}
+    trainer = fast_trainer(max_epochs=2, callbacks=[cb])
+    original = cb._transition
+
+    def spy(trainer, pl_module, target, reason):
+        original(trainer, pl_module, target, reason)
+        captured.update({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+    cb._transition = spy
+    trainer.fit(module, vector_loader(), vector_loader(n=8))
+    assert cb.transitions[0]["epoch"] == 1
+    for k, v in captured.items():
+        assert torch.equal(v, snapshots[0][k]), k
+    assert any(not torch.equal(snapshots[1][k], snapshots[0][k]) for k in captured)
+
+
+def test_state_dict_round_trip_and_state_key_includes_the_monitor():
+    a = GradualUnfreezing(monitor="val/loss")
+    b = GradualUnfreezing(monitor="val/acc", mode="max")
+    assert a.state_key != b.state_key and "val/loss" in a.state_key
+    a.phase, a.wait, a.best = 2, 1, 0.25
+    c = GradualUnfreezing(monitor="val/loss")
+    c.load_state_dict(a.state_dict())
+    assert (c.phase, c.wait, c.best) == (2, 1, 0.25)
+
+
+def test_bad_arguments_fail_at_construction():
+    with pytest.raises(ValueError, match="needs a trigger"):
+        GradualUnfreezing(monitor=None)
+    with pytest.raises(ValueError, match="either milestones"):
+        GradualUnfreezing(milestones={1: "all"}, phases=[".*"])
+    with pytest.raises(ValueError, match="mode must be"):
+        GradualUnfreezing(mode="maximum")
