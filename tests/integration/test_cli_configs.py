@@ -26,6 +26,7 @@ import pytest
 import torch
 import yaml
 
+from lightning_ft.callbacks import GradualUnfreezing
 from lightning_ft.cli import main
 from lightning_ft.module import FineTuneModule
 
@@ -157,8 +158,9 @@ def test_base_config_fits_and_tests(
     head_changed = [k for k in head_keys if not torch.equal(initial_state[k], after[k])]
     assert head_changed, "no head parameter changed in two optimizer steps"
 
-    if hp.freeze_backbone:
-        # linear probe: weights and BatchNorm running stats (and num_batches_tracked) untouched
+    unfreezing = [cb for cb in cli.trainer.callbacks if isinstance(cb, GradualUnfreezing)]
+    if hp.freeze_backbone or (unfreezing and unfreezing[0].phase == 0):
+        # linear probe (or the head-only first phase of gradual unfreezing): weights and BatchNorm running stats (and num_batches_tracked) untouched
         changed = [k for k in backbone_keys if not torch.equal(initial_state[k], after[k])]
         assert not changed, f"frozen backbone changed: {changed[:5]}"
         assert not any(p.requires_grad for p in model.backbone.parameters())

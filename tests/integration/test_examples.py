@@ -1,0 +1,23 @@
+"""Every script in examples/ runs (in its quick mode) and does what it says."""
+
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.mark.slow
+def test_drop_in_callbacks_example(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["drop_in_callbacks.py", "--quick"])
+    namespace = runpy.run_path(str(EXAMPLES / "drop_in_callbacks.py"))
+    result = namespace["main"](["--quick"])
+    assert result["phase"] >= 1  # the plateau (patience 0) thawed groups of a module that is not ours
+    assert "test accuracy" in capsys.readouterr().out
+
+
+def test_every_example_has_a_test():
+    tested = {"drop_in_callbacks.py"}
+    assert {p.name for p in EXAMPLES.glob("*.py")} <= tested, "add a test for the new example"
