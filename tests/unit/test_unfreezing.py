@@ -218,3 +218,17 @@ def test_bad_arguments_fail_at_construction():
         GradualUnfreezing(milestones={1: "all"}, phases=[".*"])
     with pytest.raises(ValueError, match="mode must be"):
         GradualUnfreezing(mode="maximum")
+
+
+def test_logs_phase_trainable_count_and_group_lrs_and_says_why(caplog):
+    import logging
+
+    module = ScriptedModule([1.0, 1.0, 1.0])
+    cb = GradualUnfreezing(monitor="val/score", patience=1)
+    with caplog.at_level(logging.INFO):
+        trainer = _fit(module, cb, epochs=2)
+    metrics = trainer.callback_metrics
+    assert float(metrics["unfreeze/phase"]) == 1.0
+    assert float(metrics["unfreeze/trainable_params"]) == sum(p.numel() for p in module.parameters() if p.requires_grad)
+    assert float(metrics["unfreeze/lr/group0"]) == pytest.approx(0.01)
+    assert "GradualUnfreezing: epoch 1, val/score did not improve for 1 epochs (best 1): unfroze body.2" in caplog.text
