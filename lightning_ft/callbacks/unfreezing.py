@@ -141,6 +141,7 @@ class GradualUnfreezing(Callback):
             "wait": self.wait,
             "best": self.best,
             "transitions": list(self.transitions),
+            "warm_groups": dict(self._warm_groups),
         }
         if self.restore_best and self.best_weights is not None:
             state["best_weights"] = self.best_weights
@@ -152,6 +153,7 @@ class GradualUnfreezing(Callback):
         self.best = state_dict["best"]
         self.transitions = list(state_dict.get("transitions", []))
         self.best_weights = state_dict.get("best_weights")
+        self._warm_groups = {int(k): int(v) for k, v in state_dict.get("warm_groups", {}).items()}
         if self._module is not None and self._phases:
             # callback state is restored after setup and before DDP wraps the module: apply it now
             self._apply_phase(self._module)
@@ -161,6 +163,12 @@ class GradualUnfreezing(Callback):
         if stage != "fit":
             return
         check_strategy(trainer, type(self).__name__)
+        if getattr(pl_module, "freeze_backbone", False):
+            raise ValueError(
+                f"{type(pl_module).__name__} has freeze_backbone=True, which keeps the backbone out of the graph, so "
+                "GradualUnfreezing could never train it. Set freeze_backbone=False (the callback freezes it for "
+                "the first phase), or drop the callback for plain linear probing."
+            )
         self._module = pl_module
         self._build_phases(pl_module)
         if self.monitor is not None and not _has_validation(trainer, pl_module):

@@ -232,3 +232,10 @@ def test_logs_phase_trainable_count_and_group_lrs_and_says_why(caplog):
     assert float(metrics["unfreeze/trainable_params"]) == sum(p.numel() for p in module.parameters() if p.requires_grad)
     assert float(metrics["unfreeze/lr/group0"]) == pytest.approx(0.01)
     assert "GradualUnfreezing: epoch 1, val/score did not improve for 1 epochs (best 1): unfroze body.2" in caplog.text
+
+
+def test_freeze_backbone_module_conflicts_with_unfreezing():
+    model = FineTuneModule("test_resnet", num_classes=3, freeze_backbone=True)
+    with pytest.raises(ValueError, match="freeze_backbone=True.*Set freeze_backbone=False"):
+        fast_trainer(max_steps=1, callbacks=[GradualUnfreezing(monitor=None, milestones={1: "all"})]).fit(
+            model, random_loader())
