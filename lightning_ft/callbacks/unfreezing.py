@@ -220,6 +220,7 @@ class GradualUnfreezing(Callback):
         labels: list[list[str]] = []
         epochs: list[int | None] = []
         current: set[str] = set()
+        labels_flat: list[str] = []
         items = sorted(self.milestones.items())
         if not items or items[0][0] != 0:
             items.insert(0, (0, [head.name]))
@@ -236,7 +237,9 @@ class GradualUnfreezing(Callback):
             if epoch == 0:
                 current |= set(head.param_names)
             phases.append(frozenset(current))
-            labels.append([g.name for g in chosen])
+            earlier = set(labels_flat)
+            labels.append([g.name for g in chosen if g.name not in earlier] or [g.name for g in chosen])
+            labels_flat.extend(labels[-1])
             epochs.append(epoch)
         self._phases, self._phase_labels, self._phase_epochs = phases, labels, epochs
 
@@ -417,11 +420,13 @@ class GradualUnfreezing(Callback):
             self._transition(trainer, pl_module, max(due), f"milestone epoch {self._phase_epochs[max(due)]}")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        pl_module.log("unfreeze/phase", float(self.phase), on_epoch=True, on_step=False, sync_dist=False)
-        pl_module.log("unfreeze/trainable_params", float(trainable_count(pl_module)), on_epoch=True, on_step=False)
+        # identical on every rank; sync_dist keeps Lightning's epoch-level logging contract under DDP
+        log = dict(on_epoch=True, on_step=False, sync_dist=True)
+        pl_module.log("unfreeze/phase", float(self.phase), **log)
+        pl_module.log("unfreeze/trainable_params", float(trainable_count(pl_module)), **log)
         for opt in trainer.optimizers:
             for i, g in enumerate(opt.param_groups):
-                pl_module.log(f"unfreeze/lr/{group_label(g, i)}", float(g["lr"]), on_epoch=True, on_step=False)
+                pl_module.log(f"unfreeze/lr/{group_label(g, i)}", float(g["lr"]), **log)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self.monitor is None or trainer.state.fn != "fit":
