@@ -1,0 +1,511 @@
+"""Gradual unfreezing, side by side: lightning_ft vs Lightning's BackboneFinetuning vs finetuning-scheduler.
+
+Same model, data, seed, optimizer (AdamW), learning rate and schedule (linear warm-up then cosine,
+per step) for every tool; the phases start at the same epochs:
+
+    phase 0  epochs [0, E)    the head alone
+    phase 1  epochs [E, 2E)   + the upper half of the layer groups (EfficientNet-Lite0 stages 4-6, conv_head)
+    phase 2  epochs [2E, 3E)  everything
+
+* ours:       ``FineTuneModule`` + ``lightning_ft.callbacks.GradualUnfreezing(milestones=...)``;
+* lightning:  ``lightning.pytorch.callbacks.BackboneFinetuning`` has two phases only (head, then the
+  whole ``pl_module.backbone``): its thaw is put at our last phase, so its phase 1 is still head-only;
+* fts:        ``finetuning_scheduler.FinetuningScheduler`` with an explicit schedule (parameter names,
+  ``epoch_transitions_only=True``, ``max_transition_epoch`` per phase). Skipped when not installed.
+
+Each tool runs in its own subprocess (so the peak RSS is its own). Per phase it reports the mean
+*training* epoch time -- from ``on_train_epoch_start`` to the last ``on_train_batch_end`` of the
+epoch: Lightning runs validation after the last training batch and *before* ``on_train_epoch_end``,
+so that hook would count validation -- the ratio to ours (their time / our time, measured in the
+same command), the peak RSS during the phase's training batches (``VmHWM`` after resetting it through
+``/proc/self/clear_refs`` at each epoch start; Linux only) and the process's ``ru_maxrss``, and the
+final test accuracy. It also times a no-grad forward pass (``model.eval()``, ``torch.no_grad()``)
+over the same training batches, E passes (the first one cold, as epoch 0 of a fit), and prints our
+head-only epoch time divided by it (goal: <= 1.2).
+
+    .venv/bin/python benchmarks/unfreezing.py            # full mode (the README numbers)
+    .venv/bin/python benchmarks/unfreezing.py --quick    # a few batches, 1 epoch per phase (< 60 s)
+
+Nothing is written into the repository: checkpoints, FTS schedule dumps and logs go to a temporary
+directory that is removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+TOOLS = ("ours", "lightning", "fts")
+LABELS = {
+    "ours": "lightning_ft GradualUnfreezing",
+    "lightning": "Lightning BackboneFinetuning",
+    "fts": "finetuning-scheduler",
+}
+QUICK_BATCHES = 4  # --quick: training batches per epoch (and forward batches)
+QUICK_EVAL_BATCHES = 2
+
+
+# --------------------------------------------------------------------------------------- helpers
+def _proc_status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM (Linux >= 4.0): writing 5 to clear_refs makes the high-water mark the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _max_rss_mib() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024.0 if sys.platform != "darwin" else rss / 2**20  # KiB on Linux, bytes on macOS
+
+
+def _cpu_busy_s() -> float | None:
+    """Busy CPU seconds of the whole machine so far (all processes), from /proc/stat."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+# ---------------------------------------------------------------------------------------- worker
+def _worker(tool: str, args: argparse.Namespace, out_path: str, tmp: str) -> None:
+    """Run one tool (or the no-grad forward baseline) and write its measurements as JSON."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import logging
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "finetuning_scheduler"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_ft import FineTuneModule, layer_groups
+    from lightning_ft.data import DigitsDataModule
+    from lightning_ft.optim import WarmupCosine
+
+    E = args.epochs_per_phase
+    max_epochs = 3 * E
+    result: dict[str, Any] = {"tool": tool, "torch_threads": torch.get_num_threads()}
+
+    class HeadOptimizerModule(FineTuneModule):
+        """FineTuneModule whose optimizer holds the head only (what BackboneFinetuning and FTS expect:
+        they add param groups for what they thaw), with the same AdamW, lr and warm-up + cosine schedule."""
+
+        scheduler_cls: type = torch.optim.lr_scheduler.LambdaLR
+
+        def configure_optimizers(self) -> dict[str, Any]:
+            hp = self.hparams
+            optimizer = torch.optim.AdamW(self.head.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+            total = int(self.trainer.estimated_stepping_batches)
+            schedule = WarmupCosine(total, int(hp.warmup * total), hp.min_lr_ratio)
+            scheduler = self.scheduler_cls(optimizer, schedule)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    class GrowingLambdaLR(torch.optim.lr_scheduler.LambdaLR):
+        """LambdaLR that gives param groups added later the first group's base lr and lambda.
+
+        Plain LambdaLR raises ``ValueError: zip() argument 2 is shorter than argument 1`` at the first
+        step after BackboneFinetuning adds the backbone's group; this is the workaround a user needs."""
+
+        def get_lr(self) -> list[float]:
+            missing = len(self.optimizer.param_groups) - len(self.base_lrs)
+            if missing > 0:
+                self.base_lrs = list(self.base_lrs) + [self.base_lrs[0]] * missing
+                self.lr_lambdas = list(self.lr_lambdas) + [self.lr_lambdas[0]] * missing
+            return super().get_lr()
+
+    class PhaseTimer(Callback):
+        """Training time per epoch (epoch start -> last training batch end: no validation) and peak RSS."""
+
+        def __init__(self) -> None:
+            self.epochs: list[dict[str, Any]] = []
+            self.hwm_ok = True
+
+        def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self.hwm_ok = _reset_peak_rss() and self.hwm_ok
+            self._batches = 0
+            self._batch_time = 0.0
+            self._peak_kib = 0
+            self._t0 = self._last = time.perf_counter()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self._tb = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            now = time.perf_counter()
+            self._batch_time += now - self._tb
+            self._last = now
+            self._batches += 1
+            self._peak_kib = max(self._peak_kib, _proc_status_kib("VmHWM") or 0)
+
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            in_opt = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+            params = list(pl_module.parameters())
+            self.epochs.append(
+                {
+                    "epoch": trainer.current_epoch,
+                    "phase": trainer.current_epoch // E,
+                    "train_s": self._last - self._t0,
+                    "batches_s": self._batch_time,
+                    "batches": self._batches,
+                    "peak_rss_mib": self._peak_kib / 1024.0 if self.hwm_ok else None,
+                    "requires_grad": sum(p.numel() for p in params if p.requires_grad),
+                    "optimized": sum(p.numel() for p in params if p.requires_grad and id(p) in in_opt),
+                    "param_groups": sum(len(opt.param_groups) for opt in trainer.optimizers),
+                    "lr_last_group": float(trainer.optimizers[0].param_groups[-1]["lr"]),
+                }
+            )
+
+    L.seed_everything(args.seed, workers=True, verbose=False)
+    model_kwargs = dict(
+        backbone="tf_efficientnet_lite0", pretrained="efficientnet_lite0", num_classes=10, in_chans=1, img_size=64,
+        lr=args.lr, weight_decay=args.weight_decay, layer_decay=None, warmup=0.1, min_lr_ratio=0.01,
+    )
+    model_cls = FineTuneModule if tool in ("ours", "forward") else HeadOptimizerModule
+    model = model_cls(**model_kwargs)
+    if tool == "lightning":
+        model.scheduler_cls = GrowingLambdaLR
+    cfg = model.data_config
+    dm = DigitsDataModule(
+        batch_size=32, image_size=cfg["input_size"][-1], channels=cfg["input_size"][0],
+        mean=cfg["mean"], std=cfg["std"], seed=args.seed,
+    )
+    limits: dict[str, Any] = {}
+    if args.quick:
+        limits = dict(limit_train_batches=QUICK_BATCHES, limit_val_batches=QUICK_EVAL_BATCHES,
+                      limit_test_batches=QUICK_EVAL_BATCHES)
+
+    # the phases, from lightning_ft's depth map (stem ... head): the upper half of the groups, then all
+    groups = layer_groups(model)
+    head, body = groups[-1], groups[:-1]
+    top = body[len(groups) - len(groups) // 2:]
+    rest = [g for g in body if g not in top]
+    result["phases"] = [
+        [head.name],
+        [g.name for g in top],
+        [g.name for g in rest],
+    ]
+
+    if tool == "forward":
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        n = QUICK_BATCHES if args.quick else len(loader)
+        model.eval()
+        passes = []
+        _reset_peak_rss()
+        with torch.no_grad():
+            for _ in range(E):  # E passes, the first cold, as the E epochs of phase 0
+                t0 = time.perf_counter()
+                for i, (x, _y) in enumerate(loader):
+                    if i >= n:
+                        break
+                    model(x)
+                passes.append(time.perf_counter() - t0)
+        result.update(passes_s=passes, batches=n, peak_rss_mib=(_proc_status_kib("VmHWM") or 0) / 1024.0)
+        result["max_rss_mib"] = _max_rss_mib()
+        with open(out_path, "w") as fh:
+            json.dump(result, fh)
+        return
+
+    timer = PhaseTimer()
+    callbacks: list[Callback] = [timer]  # first: its epoch start runs before any transition
+    trainer_kwargs: dict[str, Any] = dict(
+        accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp,
+        log_every_n_steps=50, **limits,
+    )
+    if tool == "ours":
+        from lightning_ft.callbacks import GradualUnfreezing
+
+        callbacks.append(GradualUnfreezing(monitor=None, milestones={E: [g.name for g in top], 2 * E: "all"}, verbose=False))
+    elif tool == "lightning":
+        from lightning.pytorch.callbacks import BackboneFinetuning
+
+        # backbone lr at the thaw = the head's current lr (ratio 1.0), aligned with it afterwards
+        callbacks.append(BackboneFinetuning(unfreeze_backbone_at_epoch=2 * E, backbone_initial_ratio_lr=1.0, should_align=True))
+    elif tool == "fts":
+        from finetuning_scheduler import FinetuningScheduler, FTSCheckpoint
+
+        names = lambda gs: [n for g in gs for n in g.param_names]  # noqa: E731
+        schedule = {
+            0: {"params": names([head]), "max_transition_epoch": E},
+            1: {"params": names(top), "max_transition_epoch": 2 * E, "lr": args.lr},
+            2: {"params": names(rest), "max_transition_epoch": max_epochs, "lr": args.lr},
+        }
+        callbacks += [
+            FinetuningScheduler(
+                ft_schedule=schedule, epoch_transitions_only=True, restore_best=False, apply_lambdas_new_pgs=True,
+                log_dir=tmp, logging_level=logging.ERROR,
+            ),
+            FTSCheckpoint(monitor="val/loss", save_top_k=0, dirpath=os.path.join(tmp, "ckpt")),  # FTS requires one
+        ]
+        trainer_kwargs["enable_checkpointing"] = True
+    else:
+        raise ValueError(f"unknown tool {tool!r}")
+
+    trainer = L.Trainer(callbacks=callbacks, **trainer_kwargs)
+    result["rss_before_fit_mib"] = (_proc_status_kib("VmRSS") or 0) / 1024.0
+    t0 = time.perf_counter()
+    trainer.fit(model, datamodule=dm)
+    result["fit_s"] = time.perf_counter() - t0
+    result["epochs"] = timer.epochs
+    result["epochs_run"] = trainer.current_epoch
+
+    tester = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp,
+        **({"limit_test_batches": QUICK_EVAL_BATCHES} if args.quick else {}),
+    )
+    metrics = tester.test(model, datamodule=dm, verbose=False)
+    result["test_acc"] = float(metrics[0]["test/acc"])
+    result["max_rss_mib"] = _max_rss_mib()
+    with open(out_path, "w") as fh:
+        json.dump(result, fh)
+
+
+# ---------------------------------------------------------------------------------------- parent
+def _run_worker(tool: str, args: argparse.Namespace, tmp: str) -> tuple[dict[str, Any] | None, str]:
+    out = os.path.join(tmp, f"{tool}.json")
+    log = os.path.join(tmp, f"{tool}.log")
+    cmd = [
+        sys.executable, os.path.abspath(__file__), "--worker", tool, "--out", out, "--tmp", os.path.join(tmp, tool),
+        "--seed", str(args.seed), "--epochs-per-phase", str(args.epochs_per_phase), "--lr", str(args.lr),
+        "--weight-decay", str(args.weight_decay),
+    ] + (["--quick"] if args.quick else [])
+    os.makedirs(os.path.join(tmp, tool), exist_ok=True)
+    busy0, kids0 = _cpu_busy_s(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=os.path.join(tmp, tool))
+    wall = time.perf_counter() - t0
+    busy1, kids1 = _cpu_busy_s(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU the rest of the machine used meanwhile (cores, averaged over the run): contention check
+    others = None
+    if busy0 is not None and busy1 is not None:
+        mine = (kids1.ru_utime + kids1.ru_stime) - (kids0.ru_utime + kids0.ru_stime)
+        others = max(0.0, (busy1 - busy0) - mine) / wall
+    if proc.returncode != 0 or not os.path.exists(out):
+        with open(log) as fh:
+            lines = fh.read().strip().splitlines()
+        errors = [ln for ln in lines if "Error" in ln or "Exception" in ln]
+        reason = errors[-1] if errors else (lines[-1] if lines else f"exit code {proc.returncode}")
+        tail = "\n".join("    " + ln for ln in lines[-15:])
+        return None, f"{LABELS.get(tool, tool)} failed (exit {proc.returncode}): {reason}\n{tail}"
+    with open(out) as fh:
+        data = json.load(fh)
+    data["process_s"] = wall
+    data["others_cores"] = others
+    return data, ""
+
+
+def _fmt(x: float | None, spec: str = ".2f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _phase_stats(data: dict[str, Any], phase: int) -> dict[str, Any]:
+    eps = [e for e in data["epochs"] if e["phase"] == phase]
+    if not eps:
+        return {}
+    peaks = [e["peak_rss_mib"] for e in eps if e["peak_rss_mib"] is not None]
+    return {
+        "mean_s": sum(e["train_s"] for e in eps) / len(eps),
+        "last_s": eps[-1]["train_s"],
+        "per_epoch": [e["train_s"] for e in eps],
+        "peak_rss": max(peaks) if peaks else None,
+        "requires_grad": eps[-1]["requires_grad"],
+        "optimized": eps[-1]["optimized"],
+        "groups": eps[-1]["param_groups"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_BATCHES} batches per epoch, 1 epoch per phase (CI)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs-per-phase", type=int, default=None, help="E (default: 2; 1 with --quick)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW lr, every tool and every phase")
+    parser.add_argument("--weight-decay", type=float, default=0.0,
+                        help="AdamW weight decay (default 0: BackboneFinetuning cannot spare biases/norms, so all tools match)")
+    parser.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of " + ",".join(TOOLS))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--tmp", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.epochs_per_phase is None:
+        args.epochs_per_phase = 1 if args.quick else 2
+    if args.epochs_per_phase < 1:
+        parser.error("--epochs-per-phase must be >= 1")
+
+    if args.worker:
+        _worker(args.worker, args, args.out, args.tmp)
+        return 0
+
+    import importlib.util
+
+    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    unknown = [t for t in tools if t not in TOOLS]
+    if unknown:
+        parser.error(f"unknown tools {unknown}; choose from {', '.join(TOOLS)}")
+    if "ours" not in tools:
+        tools.insert(0, "ours")  # the baseline of every ratio
+    notes: list[str] = []
+    if "fts" in tools and importlib.util.find_spec("finetuning_scheduler") is None:
+        tools.remove("fts")
+        notes.append("finetuning-scheduler is not installed: skipped (pip install finetuning-scheduler).")
+
+    E = args.epochs_per_phase
+    start = datetime.datetime.now().astimezone()
+    print(f"# Gradual unfreezing benchmark ({'quick' if args.quick else 'full'} mode), {start:%Y-%m-%d %H:%M %Z}")
+    print(f"host: {platform.node()}, {os.cpu_count()} CPUs, python {platform.python_version()}, load average before: {_loadavg()}")
+    print(f"model: tf_efficientnet_lite0 (pretrained efficientnet_lite0), in_chans=1, 64 px; DigitsDataModule(batch_size=32, seed={args.seed})")
+    print(f"optimizer: AdamW lr={args.lr} weight_decay={args.weight_decay}, warm-up 10% + cosine per step; seed {args.seed}; "
+          f"{E} epoch(s) per phase, 3 phases" + (f"; {QUICK_BATCHES} train batches per epoch" if args.quick else ""))
+    print(f"phases: 0 = head, epochs [0, {E}); 1 = + upper half of the layer groups, [{E}, {2 * E}); 2 = all, [{2 * E}, {3 * E})")
+    print("Lightning's BackboneFinetuning has two phases (head, whole backbone): its thaw is put at our phase 2, "
+          "so in its phase 1 only the head is optimized.")
+    sys.stdout.flush()
+
+    tmp = tempfile.mkdtemp(prefix="lft_bench_unfreezing_")
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        for tool in [*tools, "forward"]:
+            data, error = _run_worker(tool, args, tmp)
+            if data is None:
+                notes.append(error)
+                print(f"[{tool}] FAILED: {error.splitlines()[0]}", flush=True)
+                continue
+            results[tool] = data
+            busy = data["others_cores"]
+            print(f"[{tool}] done in {data['process_s']:.1f} s; other processes used {_fmt(busy)} cores meanwhile, "
+                  f"load average {_loadavg()}", flush=True)
+            if busy is not None and busy > 0.25:
+                notes.append(f"{tool}: other processes used {busy:.2f} of {os.cpu_count()} cores during its run: "
+                             "its timings are taken under load (CPU contention inflates them many-fold).")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    if "ours" not in results:
+        print("\n".join(notes))
+        print("Our run failed: no ratios.")
+        return 1
+
+    phases = results["ours"]["phases"]
+    print(f"\nphase 1 groups ({len(phases[1])}): {', '.join(phases[1])}")
+    print(f"phase 2 adds ({len(phases[2])}): {', '.join(phases[2])}")
+
+    # per-epoch detail
+    print("\nper-epoch training time (s, epoch start -> last training batch end, no validation):")
+    for tool in tools:
+        if tool in results:
+            eps = results[tool]["epochs"]
+            print(f"  {tool:9s} " + "  ".join(f"e{e['epoch']}:{e['train_s']:.2f}" for e in eps))
+
+    stats = {t: [_phase_stats(results[t], p) for p in range(3)] for t in tools if t in results}
+    ours = stats["ours"]
+    # the same phases? (BackboneFinetuning: only its last phase can match ours)
+    for tool in tools:
+        if tool == "ours" or tool not in stats:
+            continue
+        compared = [2] if tool == "lightning" else [0, 1, 2]
+        bad = [p for p in compared if stats[tool][p] and ours[p] and stats[tool][p]["optimized"] != ours[p]["optimized"]]
+        if bad:
+            notes.append(f"{tool}: the optimized parameter counts differ from ours in phase(s) {bad}: the phases do not match.")
+    names = {0: "0 head", 1: "1 +upper half", 2: "2 all"}
+
+    print("\n## Per phase\n")
+    print("| phase | tool | trainable params (optimized) | mean train epoch (s) | ratio to ours | peak RSS in phase (MiB) |")
+    print("| --- | --- | --- | ---: | ---: | ---: |")
+    for p in range(3):
+        for tool in tools:
+            if tool not in stats or not stats[tool][p]:
+                continue
+            s = stats[tool][p]
+            ratio = s["mean_s"] / ours[p]["mean_s"] if ours[p] else None
+            label = LABELS[tool] + (" (head only: no partial phase)" if tool == "lightning" and p == 1 else "")
+            params = f"{s['requires_grad']:,}" + (f" ({s['optimized']:,})" if s["optimized"] != s["requires_grad"] else "")
+            print(f"| {names[p]} | {label} | {params} | {s['mean_s']:.2f} | {_fmt(ratio)} | {_fmt(s['peak_rss'], '.0f')} |")
+
+    print("\n## Whole run\n")
+    print("| tool | fit (s) | sum of train epochs (s) | ratio to ours | max RSS (MiB) | test accuracy |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    our_sum = sum(e["train_s"] for e in results["ours"]["epochs"])
+    for tool in tools:
+        if tool not in results:
+            continue
+        r = results[tool]
+        total = sum(e["train_s"] for e in r["epochs"])
+        print(f"| {LABELS[tool]} | {r['fit_s']:.1f} | {total:.1f} | {total / our_sum:.2f} | {r['max_rss_mib']:.0f} | {100 * r['test_acc']:.1f}% |")
+
+    if "forward" in results:
+        fw = results["forward"]
+        f_mean = sum(fw["passes_s"]) / len(fw["passes_s"])
+        head_eps = [e["train_s"] for e in results["ours"]["epochs"] if e["phase"] == 0]
+        ratio = ours[0]["mean_s"] / f_mean
+        warm = head_eps[-1] / fw["passes_s"][-1]
+        print("\n## Head-only training vs a no-grad forward pass\n")
+        print(f"no-grad forward over the same {fw['batches']} training batches (model.eval(), torch.no_grad()), "
+              f"{len(fw['passes_s'])} pass(es): " + ", ".join(f"{t:.2f} s" for t in fw["passes_s"])
+              + f"; peak RSS {fw['peak_rss_mib']:.0f} MiB")
+        print("| measure | ours head-only epoch (s) | no-grad forward (s) | ratio | goal |")
+        print("| --- | ---: | ---: | ---: | --- |")
+        print(f"| mean over phase 0 (first epoch cold) | {ours[0]['mean_s']:.2f} | {f_mean:.2f} | {ratio:.2f} | <= 1.2: {'met' if ratio <= 1.2 else 'NOT met'} |")
+        if len(head_eps) > 1:
+            print(f"| last (warm) epoch vs last pass | {head_eps[-1]:.2f} | {fw['passes_s'][-1]:.2f} | {warm:.2f} | <= 1.2: {'met' if warm <= 1.2 else 'NOT met'} |")
+
+    print("\nnotes:")
+    if "lightning" in results:
+        print("- lightning: the module's optimizer holds the head only (BackboneFinetuning adds the backbone's group at the thaw); "
+              "its LambdaLR is extended to the added group (a plain LambdaLR raises ValueError at the first step after the thaw); "
+              "backbone lr at the thaw = the head's current lr. BackboneFinetuning.freeze_before_training keeps BatchNorm "
+              "parameters trainable and in train mode while the backbone is 'frozen', so its head-only phases backpropagate "
+              "through the whole backbone (params requiring grad above vs optimized in brackets).")
+    if "fts" in results:
+        print("- fts: explicit schedule over the same parameter names, epoch_transitions_only=True, restore_best=False, "
+              "apply_lambdas_new_pgs=True, FTSCheckpoint(save_top_k=0); its frozen BatchNorm layers stay in train mode "
+              "(running statistics keep moving); ours keeps frozen BatchNorm in eval mode.")
+    for n in notes:
+        print("- " + n)
+    print(f"load average after: {_loadavg()}; total {time.perf_counter() - _T0:.0f} s")
+    return 0
+
+
+_T0 = time.perf_counter()
+
+if __name__ == "__main__":
+    sys.exit(main())
