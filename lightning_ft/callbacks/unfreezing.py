@@ -429,15 +429,17 @@ class GradualUnfreezing(Callback):
                 pl_module.log(f"unfreeze/lr/{group_label(g, i)}", float(g["lr"]), **log)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or self.monitor is None or trainer.state.fn != "fit":
+        if self.monitor is None or trainer.state.fn != "fit":
             return
         current = trainer.callback_metrics.get(self.monitor)
-        if current is None:
+        if current is None:  # at the sanity check (before any training step) when Lightning runs one
             logged = ", ".join(sorted(trainer.callback_metrics)) or "nothing"
             raise ValueError(
                 f"GradualUnfreezing monitors `{self.monitor}`, which was not logged. Logged: {logged}. "
                 f"Log it with self.log('{self.monitor}', ...) or set monitor=."
             )
+        if trainer.sanity_checking:
+            return
         # the same value on every rank, so every rank keeps the same counters
         metric = torch.as_tensor(current, dtype=torch.float32, device=pl_module.device)
         value = float(trainer.strategy.reduce(metric, reduce_op="mean"))

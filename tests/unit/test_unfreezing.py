@@ -239,3 +239,17 @@ def test_freeze_backbone_module_conflicts_with_unfreezing():
     with pytest.raises(ValueError, match="freeze_backbone=True.*Set freeze_backbone=False"):
         fast_trainer(max_steps=1, callbacks=[GradualUnfreezing(monitor=None, milestones={1: "all"})]).fit(
             model, random_loader())
+
+
+def test_missing_monitor_is_caught_by_the_sanity_check_before_training():
+    module = ScriptedModule()
+    steps = []
+
+    class Count(GradualUnfreezing):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            steps.append(batch_idx)
+
+    trainer = fast_trainer(max_epochs=1, num_sanity_val_steps=1, callbacks=[Count(monitor="val/acc")])
+    with pytest.raises(ValueError, match="monitors `val/acc`, which was not logged. Logged: val/loss"):
+        trainer.fit(module, vector_loader(), vector_loader(n=8))
+    assert steps == []
