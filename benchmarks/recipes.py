@@ -57,12 +57,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", nargs="+", choices=list(RECIPES), help="run these recipes only")
     args = parser.parse_args(argv)
     seeds = args.seeds[:1] if args.quick else args.seeds
     epochs = 1 if args.quick else args.epochs
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, config in RECIPES.items():
+            if args.only and name not in args.only:
+                continue
             accs, times = [], []
             for seed in seeds:
                 acc, seconds = run(config, seed, epochs, args.quick, Path(tmp) / f"{config}-{seed}")

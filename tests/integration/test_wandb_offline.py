@@ -34,6 +34,7 @@ from lightning_ft.cli import main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "configs" / "full_llrd.yaml"
+DECAY = yaml.safe_load(BASE.read_text())["model"]["layer_decay"]  # what the config promises
 OVERLAY = REPO / "configs" / "wandb.yaml"
 TRAIN_BATCHES = 2
 
@@ -178,7 +179,7 @@ def test_full_llrd_with_wandb_offline(tmp_path: Path, monkeypatch: pytest.Monkey
     # (a) hyperparameters: the model's (full_llrd.yaml) and the datamodule's (overrides) reached the run
     config = merged(records, "config")
     declared = yaml.safe_load(BASE.read_text())["model"]
-    assert config["layer_decay"] == 0.75
+    assert config["layer_decay"] == DECAY
     assert config["backbone"] == "tf_efficientnet_lite0"
     for key, value in declared.items():
         assert config[key] == value, f"config {key}: run has {config.get(key)!r}, full_llrd.yaml says {value!r}"
@@ -199,7 +200,7 @@ def test_full_llrd_with_wandb_offline(tmp_path: Path, monkeypatch: pytest.Monkey
     assert summary["trainer/global_step"] == TRAIN_BATCHES
 
     # (c) per-group lrs from LearningRateMonitor, at every step: head = peak of the schedule, each
-    # group k levels below it at head * 0.75**k
+    # group k levels below it at head * DECAY**k
     lr_rows = [r for r in rows if "lr-AdamW/head" in r]
     assert [r["trainer/global_step"] for r in lr_rows] == list(range(TRAIN_BATCHES))
     head_depth = depth["head"]
@@ -211,10 +212,10 @@ def test_full_llrd_with_wandb_offline(tmp_path: Path, monkeypatch: pytest.Monkey
         assert 0 < head <= config["lr"]
         for name, value in logged.items():
             k = head_depth - depth[name]
-            assert value == pytest.approx(head * 0.75**k, rel=1e-9), f"{name}: {value} vs head {head} * 0.75**{k}"
-        # read independently of the in-memory depth map: the stem is 0.75**k below the head, k whole
-        k_stem = math.log(logged["stem"] / head) / math.log(0.75)
+            assert value == pytest.approx(head * DECAY**k, rel=1e-9), f"{name}: {value} vs head {head} * {DECAY}**{k}"
+        # read independently of the in-memory depth map: the stem is DECAY**k below the head, k whole
+        k_stem = math.log(logged["stem"] / head) / math.log(DECAY)
         assert k_stem == pytest.approx(round(k_stem), abs=1e-6) and round(k_stem) == head_depth
-        assert logged["blocks.0.0"] / head == pytest.approx(0.75 ** (head_depth - 1))
+        assert logged["blocks.0.0"] / head == pytest.approx(DECAY ** (head_depth - 1))
     assert lr_rows[0]["lr-AdamW/head"] == pytest.approx(config["lr"])  # no warm-up step in 2 steps: peak
     assert lr_rows[1]["lr-AdamW/head"] < lr_rows[0]["lr-AdamW/head"]  # then cosine decay, logged per step
