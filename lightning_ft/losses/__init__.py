@@ -1,0 +1,41 @@
+"""Domain-adaptation losses: the maths in functions, thin modules beside them (torch only)."""
+
+from lightning_ft.losses.adversarial import (
+    DANNLoss,
+    DomainDiscriminator,
+    GradientReversal,
+    dann_loss,
+    grl_coefficient,
+    reverse_gradient,
+)
+from lightning_ft.losses.discrepancy import CORALLoss, MeanAlignmentLoss, MMDLoss, coral, mean_alignment, mmd, mmd_linear
+from lightning_ft.losses.self_training import (
+    EntropyLoss,
+    MCCLoss,
+    PseudoLabelLoss,
+    entropy,
+    minimum_class_confusion,
+    pseudo_label_loss,
+)
+
+__all__ = [
+    "CORALLoss",
+    "DANNLoss",
+    "DomainDiscriminator",
+    "EntropyLoss",
+    "GradientReversal",
+    "MCCLoss",
+    "MMDLoss",
+    "MeanAlignmentLoss",
+    "PseudoLabelLoss",
+    "coral",
+    "dann_loss",
+    "entropy",
+    "grl_coefficient",
+    "mean_alignment",
+    "minimum_class_confusion",
+    "mmd",
+    "mmd_linear",
+    "pseudo_label_loss",
+    "reverse_gradient",
+]
