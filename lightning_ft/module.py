@@ -136,7 +136,9 @@ class FineTuneModule(L.LightningModule):
         )
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
+        self.val_target_metrics = metrics.clone(prefix="val_target/")  # domain adaptation: reporting only
         self.test_metrics = metrics.clone(prefix="test/")
+        self._target_probs: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------ model
     def _make_head(self, head: str | nn.Module, head_kwargs: dict[str, Any] | None) -> nn.Module:
@@ -235,15 +237,69 @@ class FineTuneModule(L.LightningModule):
         )
         metrics.update(logits.detach().float().softmax(-1), y)
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=not on_step)
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=len(y))
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y),
+                 sync_dist=not on_step, add_dataloader_idx=False)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=len(y),
+                      add_dataloader_idx=False)
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if isinstance(batch, dict) and "source" in batch and "target" in batch:
+            return self._adaptation_step(batch)
         return self._shared_step(batch, self.train_metrics, "train")
 
-    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def _adaptation_step(self, batch: dict[str, Any]) -> torch.Tensor:
+        adaptation = getattr(self, "domain_adaptation", None)
+        if adaptation is None:
+            raise ValueError(
+                "The training batch holds 'source' and 'target' data but no DomainAdaptation callback is attached. "
+                "Add lightning_ft.callbacks.DomainAdaptation(...) to the Trainer's callbacks."
+            )
+        (xs, ys), xt = batch["source"][:2], batch["target"][0]
+        self._check_targets(ys)
+        if adaptation.forward_mode == "joint":  # one batch through BatchNorm: mixed statistics
+            fs_ft, logits = self.forward_features(torch.cat([xs, xt]))
+            fs, ft = fs_ft[: len(xs)], fs_ft[len(xs):]
+            logits_s, logits_t = logits[: len(xs)], logits[len(xs):]
+        else:  # a forward per domain: BatchNorm normalises each domain with its own statistics
+            fs, logits_s = self.forward_features(xs)
+            ft, logits_t = self.forward_features(xt)
+        loss = F.cross_entropy(logits_s.float(), ys, label_smoothing=self.hparams.label_smoothing)
+        self.train_metrics.update(logits_s.detach().float().softmax(-1), ys)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(ys))
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=len(ys))
+        extra = adaptation(self, source_features=fs, target_features=ft, source_logits=logits_s, target_logits=logits_t)
+        self.log("train/total_loss", loss + extra, on_step=True, on_epoch=False, batch_size=len(ys))
+        return loss + extra
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        if dataloader_idx == 1:  # the target domain: labels for reporting, and label-free monitors
+            x, y = batch[0], batch[1]
+            logits = self(x).float()
+            probs = logits.softmax(-1)
+            self.val_target_metrics.update(probs, y)
+            self.log_dict(self.val_target_metrics, on_step=False, on_epoch=True, batch_size=len(y),
+                          add_dataloader_idx=False)
+            self._target_probs.append(probs.detach())
+            return F.cross_entropy(logits, y)
         return self._shared_step(batch, self.val_metrics, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._target_probs:
+            return
+        probs = torch.cat(self._target_probs)
+        self._target_probs = []
+        ent = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+        mean = probs.mean(0)
+        diversity = -(mean * mean.clamp_min(1e-12).log()).sum()
+        im = (diversity - ent) / torch.log(torch.tensor(float(self.num_classes)))
+        # label-free: mean target entropy (low = confident), information maximisation (high = confident
+        # and diverse), and source accuracy + IM, the default label-free model-selection score
+        self.log("val/target_entropy", ent, sync_dist=True)
+        self.log("val/target_im", im, sync_dist=True)
+        source_acc = self.trainer.callback_metrics.get("val/acc")
+        if source_acc is not None:
+            self.log("val/label_free", source_acc.to(im.device) + im, sync_dist=True)
 
     def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, self.test_metrics, "test")
@@ -276,6 +332,14 @@ class FineTuneModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": config}
 
     # ------------------------------------------------------------- checkpoint
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # domain-adaptation losses (e.g. DANN's discriminator) live on the module only while their
+        # callback is attached: a checkpoint loaded without it keeps the model, not the losses
+        if not hasattr(self, "da_losses"):
+            state = checkpoint.get("state_dict", {})
+            for key in [k for k in state if k.startswith("da_losses.")]:
+                del state[key]
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the weights are in the checkpoint: rebuilding it must not need the pretrained file
         hparams = checkpoint.get("hyper_parameters")

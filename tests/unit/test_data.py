@@ -81,3 +81,10 @@ def test_image_folder_splits_and_checks_num_classes(tmp_path):
         fast_trainer(max_steps=1).fit(model, datamodule=ImageFolderDataModule(str(tmp_path), num_workers=0))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ImageFolderDataModule(str(tmp_path / "missing"))
+
+
+def test_limit_takes_a_random_subset_not_the_first_classes():
+    dm = MNISTSubsetDataModule(limit=40, image_size=8, channels=1, mean=(0.5,), std=(0.5,))
+    dm.setup()
+    labels = [int(dm.val_set[i][1]) for i in range(len(dm.val_set))]
+    assert len(labels) == 40 and len(set(labels)) >= 5

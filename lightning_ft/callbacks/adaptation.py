@@ -1,0 +1,210 @@
+"""DomainAdaptation: bind domain-adaptation losses to a module, schedule their weights, log ``da/...``.
+
+The callback owns the losses (their parameters -- e.g. DANN's discriminator -- are registered on
+the module as ``da_losses`` in ``setup``, before the optimizer is built, so they train and are
+checkpointed with it). The module's training step calls the callback with what the losses need::
+
+    def training_step(self, batch, batch_idx):
+        (xs, ys), (xt, _) = batch["source"], batch["target"]
+        fs, logits_s = self.features_and_logits(xs)   # a forward per domain: BatchNorm sees one domain
+        ft, logits_t = self.features_and_logits(xt)
+        loss = F.cross_entropy(logits_s, ys)
+        return loss + self.domain_adaptation(self, source_features=fs, target_features=ft,
+                                             source_logits=logits_s, target_logits=logits_t)
+
+``FineTuneModule`` does exactly this when its batch is a ``{"source", "target"}`` dict.
+Weights are computed from ``trainer.global_step / trainer.estimated_stepping_batches``, so a resumed
+run continues the schedule with nothing extra to save.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lightning_ft.callbacks._common import check_strategy
+from lightning_ft.losses import (
+    CORALLoss,
+    DANNLoss,
+    EntropyLoss,
+    MCCLoss,
+    MeanAlignmentLoss,
+    MMDLoss,
+    PseudoLabelLoss,
+    entropy,
+    grl_coefficient,
+)
+
+__all__ = ["LOSSES", "DomainAdaptation"]
+
+LOSSES: dict[str, type[nn.Module]] = {
+    "coral": CORALLoss,
+    "dann": DANNLoss,
+    "entropy": EntropyLoss,
+    "mcc": MCCLoss,
+    "mean": MeanAlignmentLoss,
+    "mmd": MMDLoss,
+    "pseudo_label": PseudoLabelLoss,
+}
+ATTRIBUTE = "domain_adaptation"  # where the module finds the callback
+MODULE_NAME = "da_losses"  # where the losses' parameters live on the module
+
+
+class DomainAdaptation(Callback):
+    """Domain-adaptation losses with scheduled weights.
+
+    Args:
+        losses: ``{name: weight}``; names: coral, dann, entropy, mcc, mean, mmd, pseudo_label.
+        loss_kwargs: extra constructor arguments per loss, e.g. ``{"pseudo_label": {"threshold": 0.95}}``.
+        schedule: ``"dann"`` ramps every weight (and DANN's reversal strength) by
+            ``2 / (1 + exp(-gamma p)) - 1`` with ``p`` the training progress; ``"constant"`` does not.
+        gamma: steepness of the ``"dann"`` ramp.
+        forward: ``"separate"`` (default): one forward per domain, so BatchNorm normalises each
+            domain with its own statistics; ``"joint"``: source and target concatenated in one batch.
+        feature_dim: width of the features the feature losses see (default: the module's ``num_features``).
+    """
+
+    def __init__(
+        self,
+        losses: dict[str, float] | None = None,
+        loss_kwargs: dict[str, dict[str, Any]] | None = None,
+        schedule: Literal["dann", "constant"] = "dann",
+        gamma: float = 10.0,
+        forward: Literal["separate", "joint"] = "separate",
+        feature_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        losses = dict(losses if losses is not None else {"dann": 1.0})
+        if not losses:
+            raise ValueError(f"DomainAdaptation needs at least one loss. Known: {', '.join(sorted(LOSSES))}.")
+        for name, weight in losses.items():
+            if name not in LOSSES:
+                close = difflib.get_close_matches(name, list(LOSSES), n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise ValueError(f"Unknown domain-adaptation loss '{name}'. Known: {', '.join(sorted(LOSSES))}.{hint}")
+            if weight < 0:
+                raise ValueError(f"Loss weight for '{name}' must be >= 0, got {weight}.")
+        unknown = set(loss_kwargs or {}) - set(losses)
+        if unknown:
+            raise ValueError(f"loss_kwargs for {sorted(unknown)}, which are not in losses={sorted(losses)}.")
+        if schedule not in ("dann", "constant"):
+            raise ValueError(f"schedule must be 'dann' or 'constant', got {schedule!r}.")
+        self.weights = losses
+        self.loss_kwargs = dict(loss_kwargs or {})
+        self.schedule = schedule
+        self.gamma = gamma
+        self.forward_mode = forward
+        self.feature_dim = feature_dim
+        self._trainer: L.Trainer | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(losses=sorted(self.weights))
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        check_strategy(trainer, type(self).__name__)
+        self._trainer = trainer
+        _check_target_data(trainer)
+        if not hasattr(pl_module, MODULE_NAME):
+            width = self.feature_dim or getattr(pl_module, "num_features", None)
+            modules = {}
+            for name in self.weights:
+                kwargs = dict(self.loss_kwargs.get(name, {}))
+                if name == "dann":
+                    if width is None:
+                        raise ValueError(
+                            f"The 'dann' loss needs the feature width: {type(pl_module).__name__} has no "
+                            "`num_features`. Pass DomainAdaptation(feature_dim=...)."
+                        )
+                    kwargs.setdefault("in_features", int(width))
+                modules[name] = LOSSES[name](**kwargs)
+            pl_module.add_module(MODULE_NAME, nn.ModuleDict(modules))
+        setattr(pl_module, ATTRIBUTE, self)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if getattr(pl_module, ATTRIBUTE, None) is self:
+            delattr(pl_module, ATTRIBUTE)
+
+    # --------------------------------------------------------------- schedule
+    def progress(self) -> float:
+        trainer = self._trainer
+        if trainer is None:
+            return 1.0
+        total = max(1, int(trainer.estimated_stepping_batches))
+        return min(1.0, trainer.global_step / total)
+
+    def ramp(self) -> float:
+        return grl_coefficient(self.progress(), self.gamma) if self.schedule == "dann" else 1.0
+
+    # ------------------------------------------------------------------- loss
+    def __call__(
+        self,
+        pl_module: L.LightningModule,
+        *,
+        source_features: torch.Tensor | None = None,
+        target_features: torch.Tensor | None = None,
+        source_logits: torch.Tensor | None = None,
+        target_logits: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The weighted sum of the losses for one training step; logs ``da/<loss>`` and ``da/<loss>_weight``."""
+        given = {"source_features": source_features, "target_features": target_features, "target_logits": target_logits}
+        modules: nn.ModuleDict = getattr(pl_module, MODULE_NAME)
+        ramp = self.ramp()
+        total = None
+        batch = len(source_features) if source_features is not None else None
+        for name, weight in self.weights.items():
+            loss_module = modules[name]
+            missing = [k for k in loss_module.needs if given[k] is None]
+            if missing:
+                raise ValueError(
+                    f"Domain-adaptation loss '{name}' needs {', '.join(missing)}, which the module did not pass. "
+                    f"Call pl_module.domain_adaptation(pl_module, {', '.join(f'{k}=...' for k in loss_module.needs)})."
+                )
+            if isinstance(loss_module, DANNLoss):
+                loss_module.coeff = ramp
+                scaled_weight = weight
+            else:
+                scaled_weight = weight * ramp
+            value = loss_module(*(given[k] for k in loss_module.needs))
+            pl_module.log(f"da/{name}", value.detach(), on_step=True, on_epoch=True, batch_size=batch)
+            pl_module.log(f"da/{name}_weight", float(scaled_weight), on_step=True, on_epoch=False)
+            if isinstance(loss_module, DANNLoss):
+                pl_module.log("da/discriminator_acc", loss_module.last_accuracy, on_step=False, on_epoch=True,
+                              batch_size=batch)
+            if isinstance(loss_module, PseudoLabelLoss):
+                pl_module.log("da/pseudo_label_rate", loss_module.last_mask_rate, on_step=False, on_epoch=True,
+                              batch_size=batch)
+            total = scaled_weight * value if total is None else total + scaled_weight * value
+        if target_logits is not None:
+            pl_module.log("da/target_entropy", entropy(target_logits.detach()), on_step=False, on_epoch=True,
+                          batch_size=len(target_logits))
+        assert total is not None
+        return total
+
+
+def _check_target_data(trainer: L.Trainer) -> None:
+    dm = trainer.datamodule
+    source = getattr(dm, "source_train", None) if dm is not None else None
+    target = getattr(dm, "target_train", None) if dm is not None else None
+    if dm is None or target is None:
+        raise ValueError(
+            "DomainAdaptation needs target data: use a datamodule with source and target splits "
+            "(lightning_ft.data.SourceTargetDataModule), whose training batches are {'source': ..., 'target': ...}."
+        )
+    if len(target) == 0:
+        raise ValueError("The target training split is empty: DomainAdaptation has no target data to adapt to.")
+    if source is not None and len(source) > 0:
+        xs, xt = source[0][0], target[0][0]
+        if tuple(xs.shape) != tuple(xt.shape):
+            raise ValueError(
+                f"Source images have shape {tuple(xs.shape)} but target images {tuple(xt.shape)}. Resize both "
+                "domains to the same size and channels (image_size=, channels= of the datamodule)."
+            )

@@ -1,0 +1,134 @@
+"""DomainAdaptation on FineTuneModule and on a user's module: losses bound, scheduled, logged, checked."""
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from lightning_ft import FineTuneModule
+from lightning_ft.callbacks import DomainAdaptation
+from lightning_ft.data import DigitsDataModule, MNISTSubsetDataModule, SourceTargetDataModule
+from lightning_ft.losses import grl_coefficient
+from tests.conftest import fast_trainer
+
+
+def _data(limit=32, target_size=None, explicit=False):
+    fixed = dict(image_size=32, channels=1, mean=(0.5,), std=(0.5,)) if explicit else {}
+    target = dict(fixed, image_size=target_size) if target_size else fixed
+    return SourceTargetDataModule(
+        MNISTSubsetDataModule(limit=limit, **fixed),
+        DigitsDataModule(limit=limit, mnist_frame=True, **target),
+        batch_size=8,
+    )
+
+
+def _model():
+    torch.manual_seed(0)
+    return FineTuneModule("test_resnet", num_classes=10, in_chans=1, img_size=32)
+
+
+@pytest.mark.parametrize("losses", [{"dann": 1.0}, {"mmd": 1.0}, {"coral": 1.0}, {"mean": 1.0},
+                                    {"entropy": 0.1}, {"mcc": 1.0}, {"pseudo_label": 1.0}])
+def test_each_loss_trains_logs_and_reports_target_metrics(losses):
+    model = _model()
+    trainer = fast_trainer(max_epochs=1, callbacks=[DomainAdaptation(losses)])
+    trainer.fit(model, datamodule=_data())
+    name = next(iter(losses))
+    metrics = trainer.callback_metrics
+    assert f"da/{name}" in metrics and torch.isfinite(metrics[f"da/{name}"])
+    assert {"val/acc", "val_target/acc", "val/target_entropy", "val/target_im", "val/label_free"} <= set(metrics)
+    assert "da/target_entropy" in metrics
+    result = trainer.test(model, datamodule=_data(), verbose=False)[0]
+    assert "test/acc" in result  # the target test split
+
+
+def test_dann_discriminator_trains_with_the_module_and_weights_follow_the_schedule():
+    model = _model()
+    ckpt = ModelCheckpoint(save_last=True)
+    trainer = fast_trainer(max_epochs=2, callbacks=[DomainAdaptation({"dann": 0.5}), ckpt], enable_checkpointing=True)
+    trainer.fit(model, datamodule=_data())
+    disc = model.da_losses["dann"].discriminator
+    in_optimizer = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert all(id(p) in in_optimizer for p in disc.parameters())
+    total = trainer.estimated_stepping_batches
+    # the reversal strength at the last step is DANN's schedule of the progress
+    assert model.da_losses["dann"].coeff == pytest.approx(grl_coefficient((trainer.global_step - 1) / total))
+    assert float(trainer.callback_metrics["da/dann_weight"]) == 0.5  # the DANN weight is constant; lambda ramps
+    state = torch.load(ckpt.last_model_path, weights_only=True)["state_dict"]
+    assert any(k.startswith("da_losses.dann.discriminator") for k in state)
+    # the checkpoint alone still rebuilds the classifier (the discriminator is dropped)
+    loaded = FineTuneModule.load_from_checkpoint(ckpt.last_model_path, weights_only=True)
+    assert not hasattr(loaded, "da_losses")
+
+
+def test_ramp_weights_for_other_losses_and_constant_schedule():
+    model = _model()
+    trainer = fast_trainer(max_epochs=1, callbacks=[DomainAdaptation({"mmd": 2.0})])
+    trainer.fit(model, datamodule=_data())
+    progress = (trainer.global_step - 1) / trainer.estimated_stepping_batches
+    assert float(trainer.callback_metrics["da/mmd_weight"]) == pytest.approx(2.0 * grl_coefficient(progress))
+    model = _model()
+    trainer = fast_trainer(max_epochs=1, callbacks=[DomainAdaptation({"mmd": 2.0}, schedule="constant")])
+    trainer.fit(model, datamodule=_data())
+    assert float(trainer.callback_metrics["da/mmd_weight"]) == 2.0
+
+
+def test_joint_forward_and_bf16_run():
+    model = _model()
+    cb = DomainAdaptation({"mmd": 1.0, "coral": 1.0}, forward="joint")
+    trainer = fast_trainer(max_epochs=1, callbacks=[cb], precision="bf16-mixed")
+    trainer.fit(model, datamodule=_data())
+    assert torch.isfinite(trainer.callback_metrics["da/mmd"])
+
+
+def test_unknown_loss_name_is_refused_with_the_known_ones():
+    with pytest.raises(ValueError, match="Unknown domain-adaptation loss 'mdd'.*Did you mean 'mmd'"):
+        DomainAdaptation({"mdd": 1.0})
+
+
+def test_no_target_data_is_refused_at_setup():
+    trainer = fast_trainer(max_epochs=1, callbacks=[DomainAdaptation({"mmd": 1.0})])
+    with pytest.raises(ValueError, match="needs target data.*SourceTargetDataModule"):
+        trainer.fit(_model(), datamodule=DigitsDataModule(limit=16))
+
+
+def test_target_with_another_input_shape_is_refused_at_setup():
+    trainer = fast_trainer(max_epochs=1, callbacks=[DomainAdaptation({"mmd": 1.0})])
+    with pytest.raises(ValueError, match=r"Source images have shape \(1, 32, 32\) but target images \(1, 16, 16\)"):
+        trainer.fit(_model(), datamodule=_data(target_size=16))
+
+
+class UserModule(L.LightningModule):
+    """A module that is not ours: a few lines give the callback what it needs."""
+
+    def __init__(self, pass_features=True):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(8, 10)
+        self.num_features = 8
+        self.pass_features = pass_features
+
+    def training_step(self, batch, batch_idx):
+        (xs, ys), (xt, _) = batch["source"], batch["target"]
+        fs, ft = self.encoder(xs), self.encoder(xt)
+        logits_s, logits_t = self.classifier(fs), self.classifier(ft)
+        extra = {"source_features": fs, "target_features": ft} if self.pass_features else {}
+        return F.cross_entropy(logits_s, ys) + self.domain_adaptation(self, target_logits=logits_t, **extra)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_drop_in_on_a_users_module():
+    module = UserModule()
+    trainer = fast_trainer(max_epochs=1, callbacks=[DomainAdaptation({"dann": 1.0, "mcc": 1.0})])
+    trainer.fit(module, datamodule=_data(explicit=True))
+    assert {"da/dann", "da/mcc", "da/discriminator_acc"} <= set(trainer.callback_metrics)
+
+
+def test_a_loss_missing_its_features_names_them():
+    trainer = fast_trainer(max_epochs=1, callbacks=[DomainAdaptation({"coral": 1.0})])
+    with pytest.raises(ValueError, match="'coral' needs source_features, target_features"):
+        trainer.fit(UserModule(pass_features=False), datamodule=_data(explicit=True))
