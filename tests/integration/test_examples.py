@@ -18,6 +18,15 @@ def test_drop_in_callbacks_example(monkeypatch, capsys):
     assert "test accuracy" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["--loss", "dann"], ["--loss", "none", "--adabn"]])
+def test_domain_adaptation_example(args, capsys):
+    namespace = runpy.run_path(str(EXAMPLES / "domain_adaptation.py"))
+    result = namespace["main"](["--quick", *args])
+    assert 0.0 <= result["test/acc"] <= 1.0
+    assert "target test accuracy" in capsys.readouterr().out
+
+
 def test_every_example_has_a_test():
-    tested = {"drop_in_callbacks.py"}
+    tested = {"drop_in_callbacks.py", "domain_adaptation.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} <= tested, "add a test for the new example"

@@ -1,0 +1,53 @@
+"""AdaBN (Li et al., "Revisiting Batch Normalization for Practical Domain Adaptation", ICLR-W 2017).
+
+Re-estimate every BatchNorm layer's running statistics on target data, weights untouched. Imports
+torch only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["adapt_batchnorm"]
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: nn.Module, batches: Iterable[Any], max_batches: int | None = None) -> int:
+    """Replace BatchNorm running statistics by their exact averages over ``batches`` (target images).
+
+    Each BatchNorm is reset and run with ``momentum=None`` (a cumulative average), so after the pass
+    its statistics are the mean over batches of the batch means and (unbiased) variances. Batches may
+    be tensors or ``(x, ...)`` tuples. Modes and momenta are restored. Returns the number of batches used.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        raise ValueError(f"{type(model).__name__} has no BatchNorm layer: AdaBN has nothing to adapt.")
+    modes = {m: m.training for m in model.modules()}
+    momenta = {bn: bn.momentum for bn in norms}
+    device = next(model.parameters()).device
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.eval()
+    for bn in norms:
+        bn.train()
+    used = 0
+    try:
+        for batch in batches:
+            if max_batches is not None and used >= max_batches:
+                break
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            model(x.to(device))
+            used += 1
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        for bn, momentum in momenta.items():
+            bn.momentum = momentum
+    if used == 0:
+        raise ValueError("AdaBN got no target batch.")
+    return used
