@@ -132,3 +132,12 @@ def test_a_loss_missing_its_features_names_them():
     trainer = fast_trainer(max_epochs=1, callbacks=[DomainAdaptation({"coral": 1.0})])
     with pytest.raises(ValueError, match="'coral' needs source_features, target_features"):
         trainer.fit(UserModule(pass_features=False), datamodule=_data(explicit=True))
+
+
+def test_schedule_comes_from_the_trainers_step_so_resume_continues_it():
+    from types import SimpleNamespace
+
+    cb = DomainAdaptation({"mmd": 1.0})
+    cb._trainer = SimpleNamespace(global_step=30, estimated_stepping_batches=120)  # e.g. restored from a checkpoint
+    assert cb.progress() == 0.25 and cb.ramp() == pytest.approx(grl_coefficient(0.25))
+    assert cb.state_dict() == {}  # nothing else to save
