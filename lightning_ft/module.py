@@ -172,8 +172,12 @@ class FineTuneModule(L.LightningModule):
         config["input_size"] = (chans, *config["input_size"][1:])
         for key in ("mean", "std"):  # per band, as timm's adapt_input_conv maps the RGB kernels
             values = tuple(config[key])
-            if len(values) != chans:
-                config[key] = (sum(values) / len(values),) if chans == 1 else tuple(values[i % len(values)] for i in range(chans))
+            if len(values) == chans:
+                continue
+            if chans == 1:
+                config[key] = (sum(values) / len(values),)
+            else:
+                config[key] = tuple(values[i % len(values)] for i in range(chans))
         return config
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,10 +195,7 @@ class FineTuneModule(L.LightningModule):
         return pooled, logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.features(x)
-        if getattr(self.head, "wants_tokens", False):
-            return self.head(to_tokens(feats))
-        return self.head(pool_features(self.backbone, feats))
+        return self.forward_features(x)[1]
 
     def train(self, mode: bool = True) -> FineTuneModule:
         super().train(mode)
