@@ -11,6 +11,7 @@ only to report ``test/acc`` at the end.
 from __future__ import annotations
 
 import argparse
+import tempfile
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                   batch_size=32)
     source_only = args.loss == "none"
     # label-free selection for adaptation; source validation accuracy for the source-only baseline
-    checkpoint = ModelCheckpoint(monitor="val/acc" if source_only else "val/label_free", mode="max")
+    workdir = tempfile.mkdtemp(prefix="lightning_ft_da_")  # checkpoints stay out of your working directory
+    checkpoint = ModelCheckpoint(dirpath=workdir, monitor="val/acc" if source_only else "val/label_free", mode="max")
     callbacks = [checkpoint] if source_only else [checkpoint, DomainAdaptation({args.loss: args.weight})]
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=1 if args.quick else args.epochs, callbacks=callbacks, logger=False,

@@ -300,6 +300,7 @@ def create_backbone(
         overlay = dict(state_dict=state, num_classes=file_classes)
         try:
             model = timm.create_model(
+                # offline: timm loads the in-memory state dict of the overlay, nothing is downloaded
                 name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=file_classes,
                 in_chans=in_chans, **kwargs,
             )
