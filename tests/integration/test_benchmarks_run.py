@@ -32,5 +32,11 @@ def test_recipes_benchmark_quick():
         assert f"| {recipe} |" in out
 
 
+@pytest.mark.slow
+def test_adaptation_benchmark_quick():
+    out = _run("adaptation.py", "--quick")
+    assert "| source only |" in out and "vs source only" in out
+
+
 def test_every_benchmark_has_a_quick_run():
-    assert {p.name for p in (REPO / "benchmarks").glob("*.py")} <= {"unfreezing.py", "recipes.py"}
+    assert {p.name for p in (REPO / "benchmarks").glob("*.py")} <= {"unfreezing.py", "recipes.py", "adaptation.py"}
