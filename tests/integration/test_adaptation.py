@@ -44,9 +44,9 @@ def test_each_loss_trains_logs_and_reports_target_metrics(losses):
     assert "test/acc" in result  # the target test split
 
 
-def test_dann_discriminator_trains_with_the_module_and_weights_follow_the_schedule():
+def test_dann_discriminator_trains_with_the_module_and_weights_follow_the_schedule(tmp_path):
     model = _model()
-    ckpt = ModelCheckpoint(save_last=True)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer = fast_trainer(max_epochs=2, callbacks=[DomainAdaptation({"dann": 0.5}), ckpt], enable_checkpointing=True)
     trainer.fit(model, datamodule=_data())
     disc = model.da_losses["dann"].discriminator
