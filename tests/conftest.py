@@ -34,3 +34,13 @@ def fast_trainer(**kwargs) -> L.Trainer:
 @pytest.fixture
 def loader():
     return random_loader()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: on 2 shared cores, OpenMP threads competing with other
+    processes make convolutions ~20x slower (spin-waiting)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -31,6 +31,7 @@ from lightning_ft.cli import main
 from lightning_ft.module import FineTuneModule
 
 REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 CONFIGS = REPO / "configs"
 
 # overlay config -> the test module that runs it composed with a base config
@@ -67,14 +68,6 @@ def tiny_overrides(root: Path) -> list[str]:
     ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: two OpenMP threads competing with any other process make convolutions ~20x
-    # slower (spin-waiting); one thread keeps each run at a few seconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

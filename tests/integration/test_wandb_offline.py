@@ -33,6 +33,7 @@ from wandb.proto import wandb_internal_pb2 as pb  # noqa: E402
 from lightning_ft.cli import main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 BASE = REPO / "configs" / "full_llrd.yaml"
 DECAY = yaml.safe_load(BASE.read_text())["model"]["layer_decay"]  # what the config promises
 OVERLAY = REPO / "configs" / "wandb.yaml"
@@ -110,13 +111,6 @@ def merged(records: list[pb.Record], kind: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------- the test
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: OpenMP threads competing with other processes make convolutions ~20x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
