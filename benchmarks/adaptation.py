@@ -5,6 +5,11 @@ WITHOUT target labels (``val/label_free`` for adaptation, source ``val/acc`` for
 then report the target test accuracy (the only use of target labels). Each method is a run of
 ``examples/domain_adaptation.py``.
 
+A second table checks the label-free selection itself: per run, the labelled target validation
+accuracy (``val_target/acc``, never used for training or selection) of the epoch each monitor picks,
+against the best epoch in hindsight ("oracle"), and the rank correlation between the monitor and
+target accuracy over all epochs of all runs.
+
     python benchmarks/adaptation.py                      # 3 seeds x all methods (about 1 hour on 2 cores)
     python benchmarks/adaptation.py --methods none dann  # a subset
     python benchmarks/adaptation.py --quick              # a few steps: checks that it runs
@@ -42,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     seeds = args.seeds[:1] if args.quick else args.seeds
     methods = args.methods[:2] if args.quick else args.methods
     rows = []
+    histories: list[list[dict[str, float]]] = []
     for name in methods:
         accs = []
         for seed in seeds:
@@ -49,7 +55,10 @@ def main(argv: list[str] | None = None) -> None:
             with contextlib.redirect_stdout(io.StringIO()):
                 result = run([*METHODS[name], "--seed", str(seed), *extra])
             accs.append(float(result["test/acc"]))
-            print(f"{name:22s} seed {seed}: target test acc {accs[-1]:.4f}", flush=True)
+            histories.append(result["history"])
+            curve = " ".join(f"{e.get('val_target/acc', float('nan')):.3f}" for e in result["history"])
+            print(f"{name:22s} seed {seed}: target test acc {accs[-1]:.4f}  (target val acc by epoch: {curve})",
+                  flush=True)
         rows.append((name, statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0))
     base = rows[0][1] if rows and rows[0][0] == "source only" else None
     print(f"\n{len(seeds)} seed(s), {1 if args.quick else args.epochs} epochs, checkpoint chosen without target labels\n")
@@ -58,6 +67,52 @@ def main(argv: list[str] | None = None) -> None:
     for name, mean, std in rows:
         delta = f"{100 * (mean - base):+.1f} points" if base is not None else "n/a"
         print(f"| {name} | {100 * mean:.1f}% ± {100 * std:.1f} | {delta} |")
+    print_selection(histories)
+
+
+def selection_quality(histories: list[list[dict[str, float]]], monitor: str) -> tuple[float, float, float]:
+    """(mean target val acc of the epoch ``monitor`` picks, of the best epoch, Spearman rho over all epochs)."""
+    picked, best, xs, ys = [], [], [], []
+    for epochs in histories:
+        epochs = [e for e in epochs if monitor in e and "val_target/acc" in e]
+        if not epochs:
+            continue
+        choice = max(range(len(epochs)), key=lambda i: (epochs[i][monitor], -i))  # ModelCheckpoint keeps the first
+        picked.append(epochs[choice]["val_target/acc"])
+        best.append(max(e["val_target/acc"] for e in epochs))
+        xs += [e[monitor] for e in epochs]
+        ys += [e["val_target/acc"] for e in epochs]
+    if not picked:
+        return float("nan"), float("nan"), float("nan")
+    return statistics.mean(picked), statistics.mean(best), _spearman(xs, ys)
+
+
+def _spearman(xs: list[float], ys: list[float]) -> float:
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=v.__getitem__)
+        r = [0.0] * len(v)
+        for rank, i in enumerate(order):
+            r[i] = float(rank)
+        return r
+
+    if len(xs) < 3:
+        return float("nan")
+    try:
+        return statistics.correlation(ranks(xs), ranks(ys))
+    except statistics.StatisticsError:  # a constant series
+        return float("nan")
+
+
+def print_selection(histories: list[list[dict[str, float]]]) -> None:
+    print("\nLabel-free selection, all runs pooled (target labels used here only to judge the monitors)\n")
+    print("| monitor | target val acc of the picked epoch | best epoch (oracle) | Spearman rho vs target acc |")
+    print("| --- | --- | --- | --- |")
+    for monitor, higher in (("val/label_free", True), ("val/acc", True), ("val/target_im", True),
+                            ("val/target_entropy", False)):
+        flipped = [[{**e, monitor: -e[monitor]} if (monitor in e and not higher) else e for e in h] for h in histories]
+        picked, best, rho = selection_quality(flipped, monitor)
+        sign = "" if higher else " (lower is better)"
+        print(f"| {monitor}{sign} | {100 * picked:.1f}% | {100 * best:.1f}% | {rho:+.2f} |")
 
 
 if __name__ == "__main__":

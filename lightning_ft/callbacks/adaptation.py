@@ -199,6 +199,11 @@ def _check_target_data(trainer: L.Trainer) -> None:
             "DomainAdaptation needs target data: use a datamodule with source and target splits "
             "(lightning_ft.data.SourceTargetDataModule), whose training batches are {'source': ..., 'target': ...}."
         )
+    if getattr(dm, "source_only", False):
+        raise ValueError(
+            "The datamodule has source_only=True, so training batches hold no target data to adapt to. "
+            "Set source_only=False, or drop the DomainAdaptation callback for a source-only baseline."
+        )
     if len(target) == 0:
         raise ValueError("The target training split is empty: DomainAdaptation has no target data to adapt to.")
     if source is not None and len(source) > 0:

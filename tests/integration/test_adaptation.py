@@ -14,13 +14,14 @@ from lightning_ft.losses import grl_coefficient
 from tests.conftest import fast_trainer
 
 
-def _data(limit=32, target_size=None, explicit=False):
+def _data(limit=32, target_size=None, explicit=False, source_only=False):
     fixed = dict(image_size=32, channels=1, mean=(0.5,), std=(0.5,)) if explicit else {}
     target = dict(fixed, image_size=target_size) if target_size else fixed
     return SourceTargetDataModule(
         MNISTSubsetDataModule(limit=limit, **fixed),
         DigitsDataModule(limit=limit, mnist_frame=True, **target),
         batch_size=8,
+        source_only=source_only,
     )
 
 
@@ -81,6 +82,22 @@ def test_joint_forward_and_bf16_run():
     trainer = fast_trainer(max_epochs=1, callbacks=[cb], precision="bf16-mixed")
     trainer.fit(model, datamodule=_data())
     assert torch.isfinite(trainer.callback_metrics["da/mmd"])
+
+
+def test_source_only_baseline_trains_on_source_batches_and_logs_the_same_monitors():
+    model = _model()
+    seen = []
+    model.training_step = lambda batch, idx, _step=model.training_step: seen.append(batch) or _step(batch, idx)
+    trainer = fast_trainer(max_epochs=1)
+    trainer.fit(model, datamodule=_data(source_only=True))
+    assert seen and all(isinstance(b, (list, tuple)) and len(b) == 2 for b in seen)  # plain (x, y) source batches
+    assert {"val/acc", "val_target/acc", "val/label_free"} <= set(trainer.callback_metrics)
+
+
+def test_source_only_data_with_the_callback_is_refused_at_setup():
+    trainer = fast_trainer(max_epochs=1, callbacks=[DomainAdaptation({"mmd": 1.0})])
+    with pytest.raises(ValueError, match="source_only=True.*drop the DomainAdaptation callback"):
+        trainer.fit(_model(), datamodule=_data(source_only=True))
 
 
 def test_unknown_loss_name_is_refused_with_the_known_ones():

@@ -36,6 +36,7 @@ def test_recipes_benchmark_quick():
 def test_adaptation_benchmark_quick():
     out = _run("adaptation.py", "--quick")
     assert "| source only |" in out and "vs source only" in out
+    assert "| val/label_free |" in out and "best epoch (oracle)" in out
 
 
 def test_every_benchmark_has_a_quick_run():

@@ -25,6 +25,8 @@ def test_domain_adaptation_example(args, capsys):
     result = namespace["main"](["--quick", *args])
     assert 0.0 <= result["test/acc"] <= 1.0
     assert "target test accuracy" in capsys.readouterr().out
+    # both the adapted run and the source-only baseline log the label-free and target monitors per epoch
+    assert result["history"] and {"val/acc", "val/label_free", "val_target/acc"} <= set(result["history"][0])
 
 
 def test_every_example_has_a_test():
