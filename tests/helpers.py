@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import pytest
 import timm
 import torch
 from torch import nn
@@ -91,3 +98,40 @@ class LrRecorder(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.steps.append([(str(g.get("name", i)), g["lr"]) for i, g in enumerate(optimizer.param_groups)])
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# variables that would make Lightning think the processes were launched for it
+_LAUNCH_VARS = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")
+
+
+def run_ddp_script(
+    script: Path, out_dir: Path, args: Sequence[str] = (), env: dict[str, str] | None = None, timeout: float = 240
+) -> tuple[dict, dict]:
+    """Run a 2-rank CPU DDP script (``script OUT_DIR *args``); return what ranks 0 and 1 wrote to ``rank{r}.json``."""
+    run_env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
+    run_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    run_env["OMP_NUM_THREADS"] = "1"
+    run_env.update(env or {})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = out_dir / "log.txt"
+    with open(log, "w") as fh:
+        # own session: on a hang, the whole group (rank 0 and the rank 1 it launched) is killed
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(out_dir), *args],
+            cwd=ROOT, env=run_env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"DDP run {script.name} {list(args)} hung for {timeout}s; log tail:\n{log.read_text()[-4000:]}")
+    tail = log.read_text()[-4000:]
+    assert rc == 0, f"DDP run {script.name} {list(args)} exited with {rc}; log tail:\n{tail}"
+    ranks = []
+    for r in (0, 1):
+        path = out_dir / f"rank{r}.json"
+        assert path.is_file(), f"rank {r} wrote no record; log tail:\n{tail}"
+        ranks.append(json.loads(path.read_text()))
+    return ranks[0], ranks[1]

@@ -37,6 +37,7 @@ from lightning_ft.losses import (
     MMDLoss,
     PseudoLabelLoss,
     entropy,
+    gather_with_grad,
     grl_coefficient,
 )
 
@@ -67,6 +68,12 @@ class DomainAdaptation(Callback):
         forward: ``"separate"`` (default): one forward per domain, so BatchNorm normalises each
             domain with its own statistics; ``"joint"``: source and target concatenated in one batch.
         feature_dim: width of the features the feature losses see (default: the module's ``num_features``).
+        gather: under DDP, compute the batch-statistic losses (MMD, CORAL, mean, MCC, class-balanced
+            pseudo-labels) on the features of all ranks, gathered with gradients, so the loss and its
+            gradient are those of the global batch (see :mod:`lightning_ft.losses.distributed`).
+            ``False``: each rank computes them on its own batch (cheaper; a noisier estimate of a
+            different quantity). Per-example losses (DANN, entropy, pseudo-labels) need no gathering:
+            DDP's gradient average already makes them global.
     """
 
     def __init__(
@@ -77,6 +84,7 @@ class DomainAdaptation(Callback):
         gamma: float = 10.0,
         forward: Literal["separate", "joint"] = "separate",
         feature_dim: int | None = None,
+        gather: bool = True,
     ) -> None:
         super().__init__()
         losses = dict(losses if losses is not None else {"dann": 1.0})
@@ -100,6 +108,7 @@ class DomainAdaptation(Callback):
         self.gamma = gamma
         self.forward_mode = forward
         self.feature_dim = feature_dim
+        self.gather = gather
         self._trainer: L.Trainer | None = None
 
     @property
@@ -160,6 +169,13 @@ class DomainAdaptation(Callback):
         ramp = self.ramp()
         total = None
         batch = len(source_features) if source_features is not None else None
+        gathered: dict[str, torch.Tensor] = {}  # each input gathered at most once per step
+
+        def global_batch(key: str) -> torch.Tensor:
+            if key not in gathered:
+                gathered[key] = gather_with_grad(given[key])
+            return gathered[key]
+
         for name, weight in self.weights.items():
             loss_module = modules[name]
             missing = [k for k in loss_module.needs if given[k] is None]
@@ -173,7 +189,10 @@ class DomainAdaptation(Callback):
                 scaled_weight = weight
             else:
                 scaled_weight = weight * ramp
-            value = loss_module(*(given[k] for k in loss_module.needs))
+            if self.gather and getattr(loss_module, "batch_statistic", False):
+                value = loss_module(*(global_batch(k) for k in loss_module.needs))
+            else:
+                value = loss_module(*(given[k] for k in loss_module.needs))
             pl_module.log(f"da/{name}", value.detach(), on_step=True, on_epoch=True, batch_size=batch)
             pl_module.log(f"da/{name}_weight", float(scaled_weight), on_step=True, on_epoch=False)
             if isinstance(loss_module, DANNLoss):

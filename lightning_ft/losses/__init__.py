@@ -9,6 +9,7 @@ from lightning_ft.losses.adversarial import (
     reverse_gradient,
 )
 from lightning_ft.losses.discrepancy import CORALLoss, MeanAlignmentLoss, MMDLoss, coral, mean_alignment, mmd, mmd_linear
+from lightning_ft.losses.distributed import gather_with_grad
 from lightning_ft.losses.self_training import (
     EntropyLoss,
     MCCLoss,
@@ -31,6 +32,7 @@ __all__ = [
     "coral",
     "dann_loss",
     "entropy",
+    "gather_with_grad",
     "grl_coefficient",
     "mean_alignment",
     "minimum_class_confusion",

@@ -135,6 +135,7 @@ class MMDLoss(nn.Module):
     """Multi-kernel Gaussian MMD between source and target features; see :func:`mmd` / :func:`mmd_linear`."""
 
     needs = ("source_features", "target_features")
+    batch_statistic = True  # under DDP: computed on the batch gathered from all ranks
 
     def __init__(
         self, multipliers: Sequence[float] = DEFAULT_MULTIPLIERS, unbiased: bool = False, linear: bool = False
@@ -154,6 +155,7 @@ class CORALLoss(nn.Module):
     """Deep CORAL between source and target features; see :func:`coral`."""
 
     needs = ("source_features", "target_features")
+    batch_statistic = True  # under DDP: computed on the batch gathered from all ranks
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return coral(source, target)
@@ -163,6 +165,7 @@ class MeanAlignmentLoss(nn.Module):
     """Squared distance of the domains' mean features; see :func:`mean_alignment`."""
 
     needs = ("source_features", "target_features")
+    batch_statistic = True  # under DDP: computed on the batch gathered from all ranks
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return mean_alignment(source, target)

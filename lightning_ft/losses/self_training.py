@@ -92,6 +92,7 @@ class MCCLoss(nn.Module):
     """Minimum class confusion on target predictions; see :func:`minimum_class_confusion`."""
 
     needs = ("target_logits",)
+    batch_statistic = True  # under DDP: computed on the batch gathered from all ranks
 
     def __init__(self, temperature: float = 2.5) -> None:
         super().__init__()
@@ -111,6 +112,10 @@ class PseudoLabelLoss(nn.Module):
         self.threshold = threshold
         self.class_balance = class_balance
         self.last_mask_rate = torch.zeros(())
+
+    @property
+    def batch_statistic(self) -> bool:  # class frequencies are batch statistics; the plain loss is a mean
+        return self.class_balance
 
     def forward(self, target_logits: torch.Tensor) -> torch.Tensor:
         loss, mask = pseudo_label_loss(target_logits, self.threshold, class_balance=self.class_balance)

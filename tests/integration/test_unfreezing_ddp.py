@@ -8,50 +8,21 @@ comparison catches it when the DDP re-wrap at a transition is switched off.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import run_ddp_script
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "integration" / "scripts" / "ddp_unfreeze.py"
-# variables that would make Lightning think the processes were launched for it
-_LAUNCH_VARS = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 
 
 def run_ddp(out_dir: Path, config: str, no_rewrap: bool = False, timeout: float = 240) -> tuple[dict, dict]:
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    env["OMP_NUM_THREADS"] = "1"
-    env["LFT_NO_REWRAP"] = "1" if no_rewrap else "0"
-    log = out_dir / "log.txt"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as fh:
-        # own session: on a hang, the whole group (rank 0 and the rank 1 it launched) is killed
-        proc = subprocess.Popen(
-            [sys.executable, str(SCRIPT), str(out_dir), config],
-            cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            pytest.fail(f"DDP run '{config}' hung for {timeout}s; log tail:\n{log.read_text()[-4000:]}")
-    tail = log.read_text()[-4000:]
-    assert rc == 0, f"DDP run '{config}' exited with {rc}; log tail:\n{tail}"
-    ranks = []
-    for r in (0, 1):
-        path = out_dir / f"rank{r}.json"
-        assert path.is_file(), f"rank {r} wrote no record; log tail:\n{tail}"
-        ranks.append(json.loads(path.read_text()))
-    return ranks[0], ranks[1]
+    return run_ddp_script(SCRIPT, out_dir, [config], env={"LFT_NO_REWRAP": "1" if no_rewrap else "0"},
+                          timeout=timeout)
 
 
 def assert_ranks_identical(r0: dict, r1: dict, epochs: int) -> None:
