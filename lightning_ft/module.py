@@ -23,6 +23,7 @@ from lightning_ft.backbones import (
     pool_features,
     to_tokens,
 )
+from lightning_ft.cache import FeatureBatch
 from lightning_ft.heads import build_head
 from lightning_ft.optim import WarmupCosine, align_scheduler, build_scheduler, param_groups_layer_decay
 
@@ -197,6 +198,12 @@ class FineTuneModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)[1]
 
+    @torch.no_grad()
+    def cache_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What the head consumes (pooled features, or tokens for a token head): the part FeatureCache stores."""
+        feats = backbone_features(self.backbone, x)
+        return to_tokens(feats) if getattr(self.head, "wants_tokens", False) else pool_features(self.backbone, feats)
+
     def train(self, mode: bool = True) -> FineTuneModule:
         super().train(mode)
         if self.freeze_backbone and mode:
@@ -230,9 +237,14 @@ class FineTuneModule(L.LightningModule):
             )
 
     def _shared_step(self, batch: Any, metrics: MetricCollection, stage: str) -> torch.Tensor:
-        x, y = batch[0], batch[1]
-        self._check_targets(y)
-        logits = self(x)
+        if isinstance(batch, FeatureBatch):  # served by FeatureCache: the frozen backbone's outputs
+            y = batch.target
+            self._check_targets(y)
+            logits = self.head(batch.features) if batch.features is not None else self(batch.images)
+        else:
+            x, y = batch[0], batch[1]
+            self._check_targets(y)
+            logits = self(x)
         loss = F.cross_entropy(
             logits.float(), y, label_smoothing=self.hparams.label_smoothing if stage == "train" else 0.0
         )

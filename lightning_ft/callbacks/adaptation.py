@@ -70,7 +70,7 @@ class DomainAdaptation(Callback):
         feature_dim: width of the features the feature losses see (default: the module's ``num_features``).
         gather: under DDP, compute the batch-statistic losses (MMD, CORAL, mean, MCC, class-balanced
             pseudo-labels) on the features of all ranks, gathered with gradients, so the loss and its
-            gradient are those of the global batch (see :mod:`lightning_ft.losses.distributed`).
+            gradient are those of the global batch (see :mod:`lightning_ft.distributed`).
             ``False``: each rank computes them on its own batch (cheaper; a noisier estimate of a
             different quantity). Per-example losses (DANN, entropy, pseudo-labels) need no gathering:
             DDP's gradient average already makes them global.

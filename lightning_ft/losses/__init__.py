@@ -1,5 +1,6 @@
 """Domain-adaptation losses: the maths in functions, thin modules beside them (torch only)."""
 
+from lightning_ft.distributed import gather_with_grad
 from lightning_ft.losses.adversarial import (
     DANNLoss,
     DomainDiscriminator,
@@ -9,7 +10,6 @@ from lightning_ft.losses.adversarial import (
     reverse_gradient,
 )
 from lightning_ft.losses.discrepancy import CORALLoss, MeanAlignmentLoss, MMDLoss, coral, mean_alignment, mmd, mmd_linear
-from lightning_ft.losses.distributed import gather_with_grad
 from lightning_ft.losses.self_training import (
     EntropyLoss,
     MCCLoss,

@@ -1,4 +1,4 @@
-"""Gather a batch across DDP ranks with gradients, for losses that are functions of batch statistics.
+"""Collectives for DDP: gather a batch across ranks with gradients (batch-statistic losses, the feature cache).
 
 MMD, CORAL, mean alignment, MCC and class-balanced pseudo-labels are not averages of per-example
 terms: computed per rank and averaged by DDP they equal neither the loss nor the gradient of the

@@ -1,0 +1,365 @@
+"""FeatureCache: while the backbone is frozen, run it once per split and train the head on its outputs.
+
+A linear probe (or the head-only phase of gradual unfreezing) recomputes the same backbone outputs
+every epoch. This callback computes them once -- the physical limit -- and serves them in place of
+the images, with the batches of the loader's own sampler (same order, same random stream: the
+head ends where the uncached run ends, to float tolerance).
+
+* Built in ``on_train_start`` for the training and validation loaders, in the precision context
+  of the run (bf16-mixed features are bf16, as uncached). Under DDP each rank computes a strided
+  share of the samples and the shares are gathered, so the table costs one forward pass in total
+  and serves any shuffle of ``DistributedSampler``.
+* In memory on the model's device when the estimate (printed before building) fits under
+  ``max_memory_gb``; otherwise memory-mapped files under ``cache_dir``, deleted at teardown.
+* Off for good the moment any backbone parameter becomes trainable or a stateful/stochastic layer
+  (BatchNorm, dropout, drop-path) of the backbone runs in training mode (a ``GradualUnfreezing``
+  transition, say): batches already fetched are re-loaded as images, nothing stale is trained on.
+  Rebuilt when the frozen weights change (``restore_best``) or the dataset does (another object,
+  length or first/last sample).
+* Refuses random training transforms (it loads samples twice under two seeds to find them):
+  cached features would freeze one augmentation draw. ``allow_random_transforms=True`` accepts
+  exactly that (one draw per sample, for all epochs), with a warning.
+
+The module must say what the cached part is and take cached batches:
+``cache_inputs(x) -> head inputs`` and a training/validation step that accepts a
+:class:`lightning_ft.cache.FeatureBatch`. ``FineTuneModule`` does both.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_ft.cache import (
+    FeatureBatch,
+    FeatureTable,
+    _CachedIterator,
+    cached_iterator,
+    check_cacheable,
+    fetch_inputs,
+    random_transform_report,
+    sample_fingerprint,
+)
+from lightning_ft.callbacks._common import check_strategy
+from lightning_ft.distributed import gather_with_grad
+
+__all__ = ["FeatureCache", "frozen_reason"]
+
+
+def _changes_in_training_mode(m: nn.Module) -> bool:
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return bool(m.track_running_stats)
+    if isinstance(m, nn.modules.dropout._DropoutNd):
+        return m.p > 0
+    prob = getattr(m, "drop_prob", None)  # timm DropPath / DropBlock
+    return isinstance(prob, float) and prob > 0
+
+
+def frozen_reason(module: nn.Module) -> str | None:
+    """Why ``module``'s output may change from one batch to the next (``None``: a fixed function)."""
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            return f"backbone parameter '{name}' is trainable"
+    for name, m in module.named_modules():
+        if m.training and _changes_in_training_mode(m):
+            return f"backbone layer '{name}' ({type(m).__name__}) runs in training mode, so its output changes"
+    return None
+
+
+def _state_fingerprint(module: nn.Module) -> tuple[tuple[int, int], ...]:
+    return tuple((t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
+
+
+def _default_limit_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.5 * free)
+    try:
+        return int(0.25 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+class FeatureCache(Callback):
+    """Train the head on cached outputs of the frozen backbone.
+
+    Args:
+        max_memory_gb: tables above this go to memory-mapped files (default: half the free GPU memory
+            on CUDA, a quarter of the RAM on CPU).
+        cache_dir: where memory-mapped tables go (default: ``<trainer.default_root_dir>/feature_cache``).
+        allow_random_transforms: cache one draw of a random training transform per sample instead of
+            refusing (augmentation is then frozen for the whole run).
+        build_batch_size: batch size of the build pass (default: the loader's).
+    """
+
+    def __init__(
+        self,
+        max_memory_gb: float | None = None,
+        cache_dir: str | Path | None = None,
+        allow_random_transforms: bool = False,
+        build_batch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if max_memory_gb is not None and max_memory_gb < 0:
+            raise ValueError(f"max_memory_gb must be >= 0, got {max_memory_gb}.")
+        self.max_memory_gb = max_memory_gb
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.allow_random_transforms = allow_random_transforms
+        self.build_batch_size = build_batch_size
+        self.active = False
+        self.tables: dict[tuple[int, int, float], FeatureTable] = {}
+        self.stats = {"builds": 0, "cached_batches": 0, "reloaded_batches": 0}
+        self._patched: dict[int, tuple[DataLoader, str]] = {}
+        self._keys: dict[int, tuple[int, int, float]] = {}
+        self._train_loader: DataLoader | None = None
+        self._state: tuple[tuple[int, int], ...] | None = None
+        self._dirty = False
+        self._trainer: L.Trainer | None = None
+        self._module: L.LightningModule | None = None
+
+    # ------------------------------------------------------------------ checks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        check_strategy(trainer, type(self).__name__)
+        if not callable(getattr(pl_module, "cache_inputs", None)) or not isinstance(
+            getattr(pl_module, "backbone", None), nn.Module
+        ):
+            raise ValueError(
+                f"FeatureCache needs a module with a `backbone` and `cache_inputs(x)` (the head's inputs, computed "
+                f"by the frozen part) whose steps accept lightning_ft.cache.FeatureBatch; {type(pl_module).__name__} "
+                "lacks them. FineTuneModule has both."
+            )
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        reason = frozen_reason(pl_module.backbone)
+        if reason is not None:
+            raise ValueError(
+                f"FeatureCache needs a frozen backbone at the start of training, but {reason}. Freeze it "
+                "(FineTuneModule(freeze_backbone=True), LinearProbing or GradualUnfreezing), or drop FeatureCache."
+            )
+        self._trainer, self._module = trainer, pl_module
+        self._state = _state_fingerprint(pl_module.backbone)
+        loaders = self._loaders(trainer)
+        for split, loader in loaders:
+            self._check_loader(split, loader)
+        self._estimate_and_build(trainer, pl_module, loaders)
+        self.active = True
+        for split, loader in loaders:
+            self._patch(loader, split)
+        self._take_over_live_iterators(trainer)
+
+    def _loaders(self, trainer: L.Trainer) -> list[tuple[str, DataLoader]]:
+        train = trainer.fit_loop._combined_loader
+        loaders = list(train.flattened) if train is not None else []
+        if len(loaders) != 1 or not isinstance(loaders[0], DataLoader):
+            raise ValueError(
+                "FeatureCache serves one training DataLoader of (inputs, labels) batches; this run trains on "
+                f"{len(loaders)} loader(s) ({', '.join(type(x).__name__ for x in loaders)})."
+            )
+        self._train_loader = loaders[0]
+        out = [("train", loaders[0])]
+        val = trainer.fit_loop.epoch_loop.val_loop._combined_loader
+        if val is not None:
+            out += [(f"val{i}" if i else "val", dl) for i, dl in enumerate(val.flattened) if isinstance(dl, DataLoader)]
+        return out
+
+    def _check_loader(self, split: str, loader: DataLoader) -> None:
+        check_cacheable(loader, split)
+        if loader.persistent_workers and loader.num_workers > 0:
+            raise ValueError(
+                f"FeatureCache: the {split} DataLoader has persistent_workers=True; its iterator is reused across "
+                "epochs and cannot be served from the cache. Set persistent_workers=False (cached epochs use no workers)."
+            )
+        if split == "train":
+            report = random_transform_report(loader.dataset)
+            if report is not None and not self.allow_random_transforms:
+                raise ValueError(
+                    f"FeatureCache: the training data is randomly augmented ({report}). Cached features would "
+                    "freeze one augmentation draw per sample. Use deterministic training transforms for a linear "
+                    "probe, or pass FeatureCache(allow_random_transforms=True) to train on one fixed draw per sample."
+                )
+            if report is not None:
+                rank_zero_warn(f"FeatureCache: random training transforms ({report}); caching one draw per sample.")
+
+    # ------------------------------------------------------------------ build
+    def _estimate_and_build(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                            loaders: list[tuple[str, DataLoader]]) -> None:
+        todo = []
+        for split, loader in loaders:
+            key = sample_fingerprint(loader.dataset)
+            self._keys[id(loader)] = key
+            if key not in self.tables and all(key != k for _, _, k in todo):
+                todo.append((split, loader, key))
+        if not todo:
+            return
+        device = pl_module.device
+        shapes = []
+        for split, loader, _ in todo:
+            x, _ = fetch_inputs(loader.dataset, [0], loader.collate_fn)
+            with torch.no_grad(), trainer.precision_plugin.forward_context():
+                probe = pl_module.cache_inputs(x.to(device))
+            shapes.append((tuple(probe.shape[1:]), probe.dtype))
+        sizes = [len(loader.dataset) * math.prod(s) * torch.empty((), dtype=d).element_size()
+                 for (_, loader, _), (s, d) in zip(todo, shapes)]
+        limit = int(self.max_memory_gb * (1 << 30)) if self.max_memory_gb is not None else _default_limit_bytes(device)
+        on_disk = sum(sizes) > limit
+        where = (f"memory-mapped under {self._dir(trainer)}" if on_disk else f"in memory on {device}")
+        parts = ", ".join(f"{split}: {len(loader.dataset):,} x {s} {str(d).replace('torch.', '')} = {_human(b)}"
+                          for (split, loader, _), (s, d), b in zip(todo, shapes, sizes))
+        rank_zero_info(f"FeatureCache: {parts}; total {_human(sum(sizes))} -> {where} (limit {_human(limit)})")
+        for (split, loader, key), (shape, dtype) in zip(todo, shapes):
+            self.tables[key] = self._build(trainer, pl_module, loader, split, shape, dtype, on_disk)
+
+    def _dir(self, trainer: L.Trainer) -> Path:
+        return self.cache_dir or Path(trainer.default_root_dir) / "feature_cache"
+
+    @torch.no_grad()
+    def _build(self, trainer: L.Trainer, pl_module: L.LightningModule, loader: DataLoader, split: str,
+               shape: tuple[int, ...], dtype: torch.dtype, on_disk: bool) -> FeatureTable:
+        dataset, n = loader.dataset, len(loader.dataset)
+        world, rank = trainer.world_size, trainer.global_rank
+        device = pl_module.device
+        bs = self.build_batch_size or loader.batch_size or 64
+        path = None
+        if on_disk:
+            folder = self._dir(trainer)
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f"{split}_rank{rank}_", suffix=".f32", dir=folder)
+            os.close(fd)
+            path = Path(name)
+            store_dtype = np.float16 if dtype == torch.float16 else np.float32
+            features: torch.Tensor | np.memmap = np.memmap(path, dtype=store_dtype, mode="w+", shape=(n, *shape))
+        else:
+            features = torch.empty((n, *shape), dtype=dtype, device=device)
+        labels = torch.empty(n, dtype=torch.long, device=device)
+        mine = list(range(rank, n, world))
+        chunks = math.ceil(math.ceil(n / world) / bs)
+        for c in range(chunks):
+            idx = mine[c * bs:(c + 1) * bs]
+            if idx:
+                x, y = fetch_inputs(dataset, idx, loader.collate_fn)
+                with trainer.precision_plugin.forward_context():
+                    f = pl_module.cache_inputs(x.to(device))
+                y = torch.as_tensor(y, device=device).long()
+            else:
+                f = torch.empty((0, *shape), dtype=dtype, device=device)
+                y = torch.empty(0, dtype=torch.long, device=device)
+            i = torch.as_tensor(idx, dtype=torch.long, device=device)
+            if world > 1:
+                f, y, i = gather_with_grad(f.contiguous()), gather_with_grad(y), gather_with_grad(i)
+            if isinstance(features, torch.Tensor):
+                features[i] = f.to(dtype)
+            else:
+                features[i.cpu().numpy()] = f.float().cpu().numpy().astype(features.dtype)
+            labels[i] = y
+        if isinstance(features, np.memmap):
+            features.flush()
+        self.stats["builds"] += 1
+        return FeatureTable(features, labels, dtype, path)
+
+    # ------------------------------------------------------------------ serve
+    def _usable(self) -> bool:
+        """Is the cache still right? Switch it off (for good) or rebuild it if not."""
+        if not self.active or self._module is None or self._trainer is None:
+            return False
+        backbone = self._module.backbone
+        reason = frozen_reason(backbone)
+        if reason is not None:
+            self.active = False
+            self._drop_tables()
+            rank_zero_info(f"FeatureCache off from epoch {self._trainer.current_epoch}: {reason}. "
+                           "Training runs through the model from here on.")
+            return False
+        state = _state_fingerprint(backbone)
+        stale_data = any(sample_fingerprint(dl.dataset) != self._keys.get(i) for i, (dl, _) in self._patched.items())
+        if state != self._state or stale_data:
+            why = "the frozen weights changed" if state != self._state else "the data changed"
+            rank_zero_info(f"FeatureCache: {why}; rebuilding the tables.")
+            self._drop_tables()
+            self._state = state
+            self._estimate_and_build(self._trainer, self._module, [(s, dl) for dl, s in self._patched.values()])
+        return True
+
+    def _patch(self, loader: DataLoader, split: str) -> None:
+        if id(loader) in self._patched:
+            return
+        original = loader._get_iterator
+
+        def _get_iterator() -> Any:
+            if self._usable():
+                return cached_iterator(loader, self.tables[self._keys[id(loader)]])
+            return original()
+
+        loader._get_iterator = _get_iterator  # type: ignore[method-assign]
+        self._patched[id(loader)] = (loader, split)
+
+    def _take_over_live_iterators(self, trainer: L.Trainer) -> None:
+        """The first epoch's iterator exists already (Lightning prefetches): serve its remaining batches."""
+        fetcher = trainer.fit_loop._data_fetcher
+        combined = getattr(fetcher, "iterator", None) if fetcher is not None else None
+        mode_iterator = getattr(combined, "_iterator", None)
+        iterators = getattr(mode_iterator, "iterators", None)
+        if not iterators:
+            return
+        for i, live in enumerate(iterators):
+            sampler_iter = getattr(live, "_sampler_iter", None)
+            if type(live).__name__ != "_SingleProcessDataLoaderIter" or sampler_iter is None:
+                continue  # worker processes hold prefetched indices: this epoch stays uncached
+            table = self.tables[self._keys[id(self._train_loader)]]
+            takeover = _CachedIterator.__new__(_CachedIterator)
+            takeover._sampler_iter, takeover._table = sampler_iter, table
+            takeover._length = len(self._train_loader)  # type: ignore[arg-type]
+            iterators[i] = takeover
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._dirty = True  # a callback may thaw layers here: check before the next training batch
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._dirty:
+            self._dirty = False
+            self._usable()
+        if not isinstance(batch, FeatureBatch) or batch.features is None:
+            return
+        if self.active:
+            self.stats["cached_batches"] += 1
+            return
+        # fetched from the cache before it went off: load the images of these samples instead
+        loader = self._train_loader
+        assert loader is not None
+        x, _ = fetch_inputs(loader.dataset, batch.index.tolist(), loader.collate_fn)
+        batch.images, batch.features = x.to(pl_module.device), None
+        self.stats["reloaded_batches"] += 1
+
+    # ---------------------------------------------------------------- cleanup
+    def _drop_tables(self) -> None:
+        for table in self.tables.values():
+            table.close()
+        self.tables = {}
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for loader, _ in self._patched.values():
+            loader.__dict__.pop("_get_iterator", None)
+        self._patched = {}
+        self._drop_tables()
+        self.active = False
+        self._trainer = self._module = None

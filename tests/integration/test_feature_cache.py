@@ -1,0 +1,210 @@
+"""FeatureCache: the cached path trains the same head as the uncached one, goes off the moment a
+cached layer thaws, is rebuilt when the frozen weights or the data change, and refuses random
+augmentation with a message that says what to do.
+
+Each comparison runs the same seeded fit twice, with and without the callback, on the same
+shuffled batches, and compares the final weights (float tolerance: the cached features were
+computed in other batch groupings).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_ft import FineTuneModule
+from lightning_ft.cache import FeatureBatch, random_transform_report
+from lightning_ft.callbacks import FeatureCache, GradualUnfreezing
+from lightning_ft.data import DigitsDataModule
+from tests.conftest import fast_trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _model(**kwargs):
+    torch.manual_seed(0)
+    return FineTuneModule("test_resnet", num_classes=10, in_chans=1, img_size=32, lr=1e-2, **kwargs)
+
+
+def _data(**kwargs):
+    return DigitsDataModule(limit=96, batch_size=16, **kwargs)
+
+
+class BatchKinds(Callback):
+    """Records per epoch whether each training batch came from the cache."""
+
+    def __init__(self):
+        self.kinds: dict[int, list[str]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        kind = "cached" if isinstance(batch, FeatureBatch) and batch.features is not None else "images"
+        self.kinds.setdefault(trainer.current_epoch, []).append(kind)
+
+
+def _fit(cache: FeatureCache | None, epochs: int = 3, model=None, callbacks=(), data=None, **trainer_kwargs):
+    L.seed_everything(0)
+    model = model or _model(freeze_backbone=True)
+    kinds = BatchKinds()
+    cbs = [*callbacks, *([cache] if cache is not None else []), kinds]  # kinds sees what the step gets
+    trainer = fast_trainer(max_epochs=epochs, callbacks=cbs, **trainer_kwargs)
+    trainer.fit(model, datamodule=data or _data())
+    return model, trainer, kinds.kinds
+
+
+def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    sa, sb = a.state_dict(), b.state_dict()
+    return max(float((sa[k].float() - sb[k].float()).abs().max()) for k in sa)
+
+
+def test_cached_linear_probe_equals_the_uncached_run():
+    plain, plain_trainer, plain_kinds = _fit(None)
+    cache = FeatureCache()
+    cached, trainer, kinds = _fit(cache)
+    assert set(plain_kinds[0]) == {"images"}
+    assert all(k == "cached" for epoch in kinds.values() for k in epoch)  # every batch, epoch 0 included
+    assert cache.stats["builds"] == 2  # train and val, once each
+    assert _max_diff(plain, cached) < 1e-5
+    for key in ("val/acc", "val/loss", "train/loss_epoch"):  # validation was served from the cache too
+        assert float(trainer.callback_metrics[key]) == pytest.approx(float(plain_trainer.callback_metrics[key]), abs=1e-5)
+    assert not cache.tables  # dropped at teardown
+
+
+def test_bf16_mixed_features_match_the_uncached_run():
+    plain, _, _ = _fit(None, precision="bf16-mixed")
+    cache = FeatureCache()
+    cached, _, _ = _fit(cache, precision="bf16-mixed")
+    assert _max_diff(plain, cached) < 1e-4
+
+
+def test_memory_mapped_tables_equal_in_memory_ones_and_are_deleted(tmp_path):
+    plain, _, _ = _fit(None)
+    cache = FeatureCache(max_memory_gb=0, cache_dir=tmp_path)
+    seen: list[Path] = []
+
+    class Files(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen.extend(tmp_path.iterdir())
+
+    cached, _, _ = _fit(cache, callbacks=[Files()])
+    assert seen and all(p.suffix == ".f32" for p in seen)  # on disk during the run...
+    assert not list(tmp_path.iterdir())  # ...and gone after it
+    assert _max_diff(plain, cached) < 1e-5
+
+
+def test_unfreezing_switches_the_cache_off_and_matches_the_uncached_run():
+    def unfreezing():
+        return GradualUnfreezing(monitor=None, milestones={1: ["layer4.0"], 2: "all"}, verbose=False)
+
+    plain, _, _ = _fit(None, model=_model(), callbacks=[unfreezing()])
+    cache = FeatureCache()
+    cached, _, kinds = _fit(cache, model=_model(), callbacks=[unfreezing()])
+    assert set(kinds[0]) == {"cached"} and set(kinds[1]) == {"images"} and set(kinds[2]) == {"images"}
+    assert not cache.active and not cache.tables
+    assert _max_diff(plain, cached) < 1e-5  # the whole model: backbone layers trained on images after the thaw
+
+
+def test_a_thaw_at_a_mid_epoch_validation_reloads_the_prefetched_batch_as_images():
+    def unfreezing():
+        return GradualUnfreezing(monitor=None, milestones={1: "all"}, verbose=False)
+
+    class ThawMidEpoch(Callback):  # thaws at the first mid-epoch validation, after the batch was prefetched
+        def on_validation_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0 and not trainer.sanity_checking:
+                for p in pl_module.backbone.layer4.parameters():
+                    p.requires_grad_(True)
+
+    plain, _, _ = _fit(None, epochs=1, model=_model(freeze_backbone=False), callbacks=[unfreezing(), ThawMidEpoch()],
+                       val_check_interval=0.5)
+    cache = FeatureCache()
+    cached, _, kinds = _fit(cache, epochs=1, model=_model(freeze_backbone=False),
+                            callbacks=[unfreezing(), ThawMidEpoch()], val_check_interval=0.5)
+    assert "cached" in kinds[0] and "images" in kinds[0] and not cache.active
+    assert cache.stats["reloaded_batches"] >= 1  # the prefetched batch did not train the head on stale inputs
+    assert _max_diff(plain, cached) < 1e-5
+
+
+def test_changed_frozen_weights_rebuild_the_tables():
+    class Nudge(Callback):  # changes the frozen weights without training them (restore_best does this)
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                with torch.no_grad():
+                    pl_module.backbone.layer4[0].conv1.weight.mul_(1.5)
+
+    plain, _, _ = _fit(None, callbacks=[Nudge()])
+    cache = FeatureCache()
+    cached, _, _ = _fit(cache, callbacks=[Nudge()])
+    assert cache.stats["builds"] == 4  # train + val, then again after the change
+    assert _max_diff(plain, cached) < 1e-5
+
+
+def test_resumed_cached_run_equals_the_resumed_uncached_run(tmp_path):
+    results = []
+    for cache in (None, FeatureCache()):
+        ckpt = ModelCheckpoint(dirpath=tmp_path / str(cache is None), save_last=True)
+        _fit(cache if cache is None else FeatureCache(), epochs=2, callbacks=[ckpt], enable_checkpointing=True)
+        L.seed_everything(1)
+        model = _model(freeze_backbone=True)
+        cbs = [cache] if cache is not None else []
+        fast_trainer(max_epochs=4, callbacks=cbs).fit(model, datamodule=_data(), ckpt_path=ckpt.last_model_path)
+        results.append(model)
+    assert _max_diff(*results) < 1e-5
+
+
+class Noisy(Dataset):
+    """Random augmentation: noise drawn on every load."""
+
+    def __len__(self):
+        return 32
+
+    def __getitem__(self, i):
+        return torch.full((1, 32, 32), float(i)) + 0.1 * torch.randn(1, 32, 32), i % 10
+
+
+def test_random_augmentation_is_refused_before_any_step_and_the_random_stream_is_untouched():
+    state = torch.get_rng_state()
+    assert "loads differently under two seeds" in random_transform_report(Noisy())
+    assert torch.equal(torch.get_rng_state(), state)  # the probe restored the global random state
+    steps = []
+
+    class Count(Callback):
+        def on_train_batch_start(self, *args):
+            steps.append(1)
+
+    trainer = fast_trainer(max_epochs=1, callbacks=[FeatureCache(), Count()])
+    with pytest.raises(ValueError, match="randomly augmented.*allow_random_transforms=True"):
+        trainer.fit(_model(freeze_backbone=True), DataLoader(Noisy(), batch_size=8, shuffle=True))
+    assert not steps
+
+
+def test_allow_random_transforms_caches_one_draw_with_a_warning():
+    trainer = fast_trainer(max_epochs=2, callbacks=[FeatureCache(allow_random_transforms=True)])
+    with pytest.warns(UserWarning, match="caching one draw per sample"):
+        trainer.fit(_model(freeze_backbone=True), DataLoader(Noisy(), batch_size=8, shuffle=True))
+
+
+def test_a_trainable_backbone_is_refused_at_the_start():
+    trainer = fast_trainer(max_epochs=1, callbacks=[FeatureCache()])
+    with pytest.raises(ValueError, match="needs a frozen backbone.*backbone parameter 'conv1.0.weight' is trainable"):
+        trainer.fit(_model(), datamodule=_data())
+
+
+def test_a_module_without_cache_inputs_is_refused_at_setup():
+    class Plain(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 2)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = fast_trainer(max_epochs=1, callbacks=[FeatureCache()])
+    with pytest.raises(ValueError, match="needs a module with a `backbone` and `cache_inputs"):
+        trainer.fit(Plain(), DataLoader(torch.randn(8, 4)))
