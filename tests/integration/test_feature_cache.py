@@ -208,3 +208,18 @@ def test_a_module_without_cache_inputs_is_refused_at_setup():
     trainer = fast_trainer(max_epochs=1, callbacks=[FeatureCache()])
     with pytest.raises(ValueError, match="needs a module with a `backbone` and `cache_inputs"):
         trainer.fit(Plain(), DataLoader(torch.randn(8, 4)))
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_ddp_ranks_share_one_table_and_match_the_uncached_run(tmp_path):
+    from tests.helpers import run_ddp_script
+
+    script = Path(__file__).resolve().parent / "scripts" / "ddp_feature_cache.py"
+    c0, c1 = run_ddp_script(script, tmp_path / "cache", ["cache"])
+    p0, p1 = run_ddp_script(script, tmp_path / "plain", ["plain"])
+    assert c0["head"] == c1["head"] and p0["head"] == p1["head"]  # ranks identical
+    assert c0["cached"] == c1["cached"] > 0 and c0["images"] == 0  # all batches served from the table
+    for key in c0["head"]:
+        assert torch.allclose(torch.tensor(c0["head"][key]), torch.tensor(p0["head"][key]), atol=1e-5)
+    assert c0["val_acc"] == pytest.approx(p0["val_acc"], abs=1e-6)
