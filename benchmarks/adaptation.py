@@ -13,6 +13,8 @@ target accuracy over all epochs of all runs.
     python benchmarks/adaptation.py                      # 3 seeds x all methods (about 1 hour on 2 cores)
     python benchmarks/adaptation.py --methods none dann  # a subset
     python benchmarks/adaptation.py --quick              # a few steps: checks that it runs
+    python benchmarks/adaptation.py --methods MMD --save mmd.json   # runs in parallel processes, then
+    python benchmarks/adaptation.py --combine *.json                 # one table from their saved runs
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import runpy
 import statistics
 from pathlib import Path
@@ -42,32 +45,48 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--save", help="write every run (method, seed, accuracy, per-epoch monitors) to this JSON file")
+    parser.add_argument("--combine", nargs="+", help="print the tables from JSON files written by --save; run nothing")
     args = parser.parse_args(argv)
+    if args.combine:
+        runs = [r for path in args.combine for r in json.loads(open(path).read())["runs"]]
+        epochs = {json.loads(open(path).read())["epochs"] for path in args.combine}
+        report(runs, f"{', '.join(map(str, sorted(epochs)))} epochs")
+        return
     run = runpy.run_path(str(EXAMPLE))["main"]
     seeds = args.seeds[:1] if args.quick else args.seeds
     methods = args.methods[:2] if args.quick else args.methods
-    rows = []
-    histories: list[list[dict[str, float]]] = []
+    runs = []
     for name in methods:
-        accs = []
         for seed in seeds:
             extra = ["--quick"] if args.quick else ["--epochs", str(args.epochs)]
             with contextlib.redirect_stdout(io.StringIO()):
                 result = run([*METHODS[name], "--seed", str(seed), *extra])
-            accs.append(float(result["test/acc"]))
-            histories.append(result["history"])
+            runs.append({"method": name, "seed": seed, "acc": float(result["test/acc"]), "history": result["history"]})
             curve = " ".join(f"{e.get('val_target/acc', float('nan')):.3f}" for e in result["history"])
-            print(f"{name:22s} seed {seed}: target test acc {accs[-1]:.4f}  (target val acc by epoch: {curve})",
+            print(f"{name:22s} seed {seed}: target test acc {runs[-1]['acc']:.4f}  (target val acc by half-epoch: {curve})",
                   flush=True)
-        rows.append((name, statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0))
-    base = rows[0][1] if rows and rows[0][0] == "source only" else None
-    print(f"\n{len(seeds)} seed(s), {1 if args.quick else args.epochs} epochs, checkpoint chosen without target labels\n")
-    print("| method | target test accuracy (mean ± std) | vs source only |")
-    print("| --- | --- | --- |")
-    for name, mean, std in rows:
+            if args.save:  # after every run: an interrupted benchmark keeps what it measured
+                with open(args.save, "w") as fh:
+                    json.dump({"epochs": 1 if args.quick else args.epochs, "runs": runs}, fh)
+    report(runs, f"{1 if args.quick else args.epochs} epochs")
+
+
+def report(runs: list[dict], budget: str) -> None:
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    order = [m for m in METHODS if m in methods] + [m for m in methods if m not in METHODS]
+    rows = []
+    for name in order:
+        accs = [r["acc"] for r in runs if r["method"] == name]
+        rows.append((name, len(accs), statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0))
+    base = next((mean for name, _, mean, _ in rows if name == "source only"), None)
+    print(f"\n{budget}, checkpoint chosen without target labels\n")
+    print("| method | seeds | target test accuracy (mean ± std) | vs source only |")
+    print("| --- | --- | --- | --- |")
+    for name, n, mean, std in rows:
         delta = f"{100 * (mean - base):+.1f} points" if base is not None else "n/a"
-        print(f"| {name} | {100 * mean:.1f}% ± {100 * std:.1f} | {delta} |")
-    print_selection(histories)
+        print(f"| {name} | {n} | {100 * mean:.1f}% ± {100 * std:.1f} | {delta} |")
+    print_selection([r["history"] for r in runs])
 
 
 def selection_quality(histories: list[list[dict[str, float]]], monitor: str) -> tuple[float, float, float]:

@@ -39,5 +39,26 @@ def test_adaptation_benchmark_quick():
     assert "| val/label_free |" in out and "best epoch (oracle)" in out
 
 
+@pytest.mark.slow
+def test_linear_probe_benchmark_quick():
+    out = _run("linear_probe.py", "--quick", "--tools", "ours", "plain")
+    assert "| 1x | ours |" in out and "| 1x | plain |" in out and "one no-grad forward pass" in out
+
+
+@pytest.mark.slow
+def test_overhead_benchmark_quick():
+    out = _run("overhead.py", "--quick")
+    assert "step-time ratio callbacks / plain" in out
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_memory_benchmark_quick():
+    out = _run("memory.py", "--quick")
+    assert "1 process" in out and "DDP, 2 CPU ranks" in out
+    assert "| 0 |" in out  # the head-only row
+
+
 def test_every_benchmark_has_a_quick_run():
-    assert {p.name for p in (REPO / "benchmarks").glob("*.py")} <= {"unfreezing.py", "recipes.py", "adaptation.py"}
+    assert {p.name for p in (REPO / "benchmarks").glob("*.py")} <= {
+        "unfreezing.py", "recipes.py", "adaptation.py", "linear_probe.py", "overhead.py", "memory.py"}

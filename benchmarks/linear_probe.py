@@ -1,0 +1,184 @@
+"""Linear probing, timed: FeatureCache vs a plain Lightning frozen-backbone loop vs finetuning-scheduler's phase 0.
+
+The demo setting: ImageNet-pretrained EfficientNet-Lite0 (offline asset), 64 px digits, batch 32,
+validation every epoch. All in one process, one after the other, so the ratios compare like with like:
+
+* ``forward``: ONE no-grad forward pass of the backbone over the training and validation splits
+  (eval mode, the physical limit of a linear probe that validates);
+* ``ours``:  FineTuneModule(freeze_backbone=True) + FeatureCache;
+* ``plain``: a minimal LightningModule, backbone in eval under ``torch.no_grad()``, linear head;
+* ``fts``:   the same minimal module under finetuning-scheduler with a one-phase (head-only) schedule.
+
+    python benchmarks/linear_probe.py                                   # benchmark 1: 20 epochs
+    python benchmarks/linear_probe.py --scales 1 2 4 --epochs 5 --tools ours plain   # benchmark 4: data size
+    python benchmarks/linear_probe.py --quick                           # a few steps: checks that it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import tempfile
+import time
+import warnings
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lightning_ft import FineTuneModule, create_backbone
+from lightning_ft.callbacks import FeatureCache
+from lightning_ft.data import DigitsDataModule
+
+TOOLS = ("ours", "plain", "fts")
+
+
+class TiledDigits(DigitsDataModule):
+    """The demo's digits repeated ``scale`` times (a bigger dataset of the same kind)."""
+
+    def __init__(self, scale: int = 1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.scale = scale
+
+    def load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = super().load_arrays()
+        return np.concatenate([images] * self.scale), np.concatenate([labels] * self.scale)
+
+
+class PlainProbe(L.LightningModule):
+    """What a user writes for a linear probe without us: frozen backbone in eval, no_grad, a linear head."""
+
+    def __init__(self, lr: float) -> None:
+        super().__init__()
+        self.backbone = create_backbone("tf_efficientnet_lite0", pretrained="efficientnet_lite0", in_chans=1)
+        self.backbone.reset_classifier(0)
+        self.backbone.requires_grad_(False)
+        self.head = nn.Linear(self.backbone.num_features, 10)
+        self.lr = lr
+
+    def on_train_epoch_start(self) -> None:
+        self.backbone.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            feats = self.backbone(x)
+        return self.head(feats)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = F.cross_entropy(self(batch[0]), batch[1])
+        self.log("train/loss", loss, on_step=True, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        logits = self(batch[0])
+        self.log("val/loss", F.cross_entropy(logits, batch[1]))
+        self.log("val/acc", (logits.argmax(-1) == batch[1]).float().mean())
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("test/acc", (self(batch[0]).argmax(-1) == batch[1]).float().mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.head.parameters(), lr=self.lr, weight_decay=0.0)
+
+
+class Timer(Callback):
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def forward_pass_seconds(dm: DigitsDataModule) -> float:
+    """One no-grad forward pass of the frozen backbone over the training and validation splits."""
+    model = FineTuneModule("tf_efficientnet_lite0", num_classes=10, pretrained="efficientnet_lite0", in_chans=1,
+                           img_size=64, freeze_backbone=True).eval()
+    loaders = [dm.train_dataloader(), dm.val_dataloader()]
+    with torch.no_grad():
+        model.cache_inputs(next(iter(loaders[0]))[0])  # warm-up
+        start = time.perf_counter()
+        for loader in loaders:
+            for x, _ in loader:
+                model.cache_inputs(x)
+    return time.perf_counter() - start
+
+
+def run(tool: str, dm: DigitsDataModule, args: argparse.Namespace, tmp: str) -> tuple[float, float, float]:
+    """(fit seconds from on_train_start to on_train_end, whole fit() seconds, test accuracy)."""
+    L.seed_everything(0)
+    timer = Timer()
+    callbacks: list[Callback] = [timer]
+    kwargs: dict[str, Any] = {}
+    if tool == "ours":
+        model: L.LightningModule = FineTuneModule(
+            "tf_efficientnet_lite0", num_classes=10, pretrained="efficientnet_lite0", in_chans=1, img_size=64,
+            freeze_backbone=True, lr=args.lr, weight_decay=0.0, label_smoothing=0.0)
+        callbacks.append(FeatureCache())
+    else:
+        model = PlainProbe(args.lr)
+    if tool == "fts":
+        from finetuning_scheduler import FinetuningScheduler, FTSCheckpoint
+
+        schedule = {0: {"params": [n for n, _ in model.head.named_parameters(prefix="head")],
+                        "max_transition_epoch": args.epochs}}
+        callbacks += [FinetuningScheduler(ft_schedule=schedule, epoch_transitions_only=True, restore_best=False,
+                                          log_dir=tmp, logging_level=logging.ERROR),
+                      FTSCheckpoint(monitor="val/loss", save_top_k=0, dirpath=os.path.join(tmp, "ckpt"))]
+        kwargs["enable_checkpointing"] = True
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=args.epochs, logger=False,
+                        enable_checkpointing=kwargs.pop("enable_checkpointing", False), enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks, default_root_dir=tmp)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=dm)
+    whole = time.perf_counter() - start
+    tester = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                       default_root_dir=tmp)
+    acc = float(tester.test(model, datamodule=dm, verbose=False)[0]["test/acc"])
+    return timer.seconds, whole, acc
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--scales", type=int, nargs="+", default=[1])
+    parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.epochs = 2
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "finetuning_scheduler"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    tools = [t for t in args.tools if t != "fts" or importlib.util.find_spec("finetuning_scheduler")]
+    print(f"torch threads: {torch.get_num_threads()}, epochs: {args.epochs}, tools: {', '.join(tools)}")
+    rows = []
+    for scale in args.scales:
+        dm = TiledDigits(scale=scale, batch_size=32, image_size=64, channels=1, mean=(0.449,), std=(0.226,),
+                         limit=96 if args.quick else None)
+        dm.setup("fit")
+        fwd = forward_pass_seconds(dm)
+        n_train, n_val = len(dm.train_set), len(dm.val_set)
+        print(f"\nscale {scale}x: {n_train} train + {n_val} val images; one no-grad forward pass: {fwd:.2f} s", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            for tool in tools:
+                fit_s, whole_s, acc = run(tool, dm, args, tmp)
+                rows.append((scale, tool, fwd, fit_s, whole_s, acc))
+                print(f"  {tool:6s} fit {fit_s:7.2f} s (whole fit() {whole_s:7.2f} s)  = {fit_s / fwd:6.2f} x forward pass"
+                      f"  test acc {acc:.4f}", flush=True)
+    print(f"\n| data | tool | {args.epochs}-epoch fit (s) | / one forward pass | ours is faster by | test acc |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for scale, tool, fwd, fit_s, _, acc in rows:
+        ours = next(r[3] for r in rows if r[0] == scale and r[1] == "ours") if "ours" in tools else None
+        speed = f"{fit_s / ours:.1f}x" if ours and tool != "ours" else "-"
+        print(f"| {scale}x | {tool} | {fit_s:.2f} | {fit_s / fwd:.2f} | {speed} | {acc:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
