@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--weight", type=float, default=1.0)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--adabn", action="store_true", help="re-estimate BatchNorm statistics on target data after fit")
+    parser.add_argument("--adabn", action="store_true",
+                        help="also report the accuracy after re-estimating BatchNorm statistics on target data (AdaBN)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
 
@@ -70,11 +71,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     target = DigitsDataModule(limit=limit, mnist_frame=True, batch_size=32)
     tester = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
                        limit_test_batches=1 if args.quick else None)
-    if args.adabn:
-        tester.test(model, datamodule=target, verbose=False)  # sets the target data up for the model
-        adapt_batchnorm(model, target.train_dataloader())
     result = tester.test(model, datamodule=target, verbose=False)[0]
-    print(f"{args.loss}{' + AdaBN' if args.adabn else ''}: target test accuracy {result['test/acc']:.4f}")
+    print(f"{args.loss}: target test accuracy {result['test/acc']:.4f}")
+    if args.adabn:  # the same checkpoint, BatchNorm statistics re-estimated on (unlabelled) target training images
+        adapt_batchnorm(model, target.train_dataloader())
+        result["test/acc_adabn"] = tester.test(model, datamodule=target, verbose=False)[0]["test/acc"]
+        print(f"{args.loss} + AdaBN: target test accuracy {result['test/acc_adabn']:.4f}")
     return {**result, "history": history.epochs, "monitor": checkpoint.monitor}
 
 
