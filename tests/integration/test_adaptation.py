@@ -158,3 +158,35 @@ def test_schedule_comes_from_the_trainers_step_so_resume_continues_it():
     cb._trainer = SimpleNamespace(global_step=30, estimated_stepping_batches=120)  # e.g. restored from a checkpoint
     assert cb.progress() == 0.25 and cb.ramp() == pytest.approx(grl_coefficient(0.25))
     assert cb.state_dict() == {}  # nothing else to save
+
+
+def test_a_resumed_run_continues_the_weight_and_reversal_schedules_exactly(tmp_path):
+    class Schedule(L.Callback):
+        def __init__(self):
+            self.steps = {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            m = trainer.callback_metrics
+            self.steps[trainer.global_step] = (float(m["da/mmd_weight"]), float(pl_module.da_losses["dann"].coeff))
+
+    class StopAfterFirstEpoch(L.Callback):  # an interrupted run
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = True
+
+    def fit(extra=(), ckpt_path=None, checkpoint=None):
+        record = Schedule()
+        callbacks = [DomainAdaptation({"mmd": 2.0, "dann": 1.0}), record, *extra] + ([checkpoint] if checkpoint else [])
+        trainer = fast_trainer(max_epochs=2, callbacks=callbacks, enable_checkpointing=checkpoint is not None)
+        trainer.fit(_model(), datamodule=_data(), ckpt_path=ckpt_path)
+        return record.steps, trainer
+
+    whole, trainer = fit()
+    total = trainer.estimated_stepping_batches
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    first, _ = fit([StopAfterFirstEpoch()], checkpoint=ckpt)  # stops after epoch 1 of 2 ...
+    resumed, _ = fit(ckpt_path=ckpt.last_model_path)  # ... and picks up from its checkpoint
+    assert first == {s: whole[s] for s in first}
+    assert set(resumed) == {s for s in whole if s > max(first)}
+    assert {s: resumed[s] for s in resumed} == {s: whole[s] for s in resumed}  # the same values, step for step
+    last = max(whole)  # and they are the ramp of the progress, not a restart from zero
+    assert whole[last][1] == pytest.approx(grl_coefficient((last - 1) / total))
