@@ -14,7 +14,6 @@ The pieces :class:`lightning_ft.callbacks.FeatureCache` is built from (torch onl
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,22 +28,28 @@ __all__ = ["FeatureBatch", "FeatureTable", "cached_iterator", "random_transform_
 _RANDOM_NAMES = ("Random", "AutoAugment", "RandAugment", "TrivialAugment", "AugMix", "ColorJitter", "Mixup", "CutMix")
 
 
-@dataclasses.dataclass
 class FeatureBatch:
     """A training or validation batch served from the cache.
 
     ``features`` are the head's inputs (what the frozen part outputs). ``images`` is set instead
     when the cache was switched off after this batch had been fetched (a layer thawed mid-epoch):
-    the module then runs the whole model on them.
+    the module then runs the whole model on them. A plain class on purpose: Lightning's generic
+    batch transfer (a deep copy per dataclass) passes it through untouched; the step moves what
+    it uses (tables on the device are there already).
     """
 
-    features: torch.Tensor | None
-    target: torch.Tensor
-    index: torch.Tensor
-    images: torch.Tensor | None = None
+    __slots__ = ("features", "target", "index", "images")
+
+    def __init__(self, features: torch.Tensor | None, target: torch.Tensor, index: torch.Tensor,
+                 images: torch.Tensor | None = None) -> None:
+        self.features, self.target, self.index, self.images = features, target, index, images
 
     def __len__(self) -> int:
         return len(self.target)
+
+    def __repr__(self) -> str:
+        kind = "features" if self.features is not None else "images"
+        return f"FeatureBatch({len(self)} samples, {kind})"
 
 
 class FeatureTable:
