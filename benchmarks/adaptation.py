@@ -32,6 +32,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "domain_adaptation.
 METHODS = {  # name -> example arguments (every run also reports its checkpoint after AdaBN)
     "source only": ["--loss", "none"],
     "DANN": ["--loss", "dann"],
+    "CDAN+E": ["--loss", "cdan"],
     "MMD": ["--loss", "mmd"],
     "CORAL": ["--loss", "coral", "--weight", "10"],
     "MCC": ["--loss", "mcc"],

@@ -1,6 +1,6 @@
 """Domain adaptation: MNIST (labelled) -> scikit-learn digits (no labels used), pretrained Lite0.
 
-    python examples/domain_adaptation.py --loss dann            # or mmd, coral, mcc, pseudo_label, none
+    python examples/domain_adaptation.py --loss dann            # or cdan, mmd, coral, mcc, pseudo_label, none
     python examples/domain_adaptation.py --loss mmd --adabn     # + re-estimate BatchNorm on the target
     python examples/domain_adaptation.py --quick                # a few steps (what the test runs)
 
@@ -38,7 +38,7 @@ class History(Callback):
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--loss", default="dann", choices=["dann", "mmd", "coral", "mcc", "pseudo_label", "none"])
+    parser.add_argument("--loss", default="dann", choices=["dann", "cdan", "mmd", "coral", "mcc", "pseudo_label", "none"])
     parser.add_argument("--weight", type=float, default=1.0)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)

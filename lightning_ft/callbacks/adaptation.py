@@ -29,6 +29,7 @@ from torch import nn
 
 from lightning_ft.callbacks._common import check_strategy
 from lightning_ft.losses import (
+    CDANLoss,
     CORALLoss,
     DANNLoss,
     EntropyLoss,
@@ -44,6 +45,7 @@ from lightning_ft.losses import (
 __all__ = ["LOSSES", "DomainAdaptation"]
 
 LOSSES: dict[str, type[nn.Module]] = {
+    "cdan": CDANLoss,
     "coral": CORALLoss,
     "dann": DANNLoss,
     "entropy": EntropyLoss,
@@ -60,7 +62,7 @@ class DomainAdaptation(Callback):
     """Domain-adaptation losses with scheduled weights.
 
     Args:
-        losses: ``{name: weight}``; names: coral, dann, entropy, mcc, mean, mmd, pseudo_label.
+        losses: ``{name: weight}``; names: cdan, coral, dann, entropy, mcc, mean, mmd, pseudo_label.
         loss_kwargs: extra constructor arguments per loss, e.g. ``{"pseudo_label": {"threshold": 0.95}}``.
         schedule: ``"dann"`` ramps every weight (and DANN's reversal strength) by
             ``2 / (1 + exp(-gamma p)) - 1`` with ``p`` the training progress; ``"constant"`` does not.
@@ -127,13 +129,21 @@ class DomainAdaptation(Callback):
             modules = {}
             for name in self.weights:
                 kwargs = dict(self.loss_kwargs.get(name, {}))
-                if name == "dann":
+                if name in ("dann", "cdan"):
                     if width is None:
                         raise ValueError(
-                            f"The 'dann' loss needs the feature width: {type(pl_module).__name__} has no "
+                            f"The '{name}' loss needs the feature width: {type(pl_module).__name__} has no "
                             "`num_features`. Pass DomainAdaptation(feature_dim=...)."
                         )
                     kwargs.setdefault("in_features", int(width))
+                if name == "cdan":
+                    classes = getattr(pl_module, "num_classes", None)
+                    if classes is None and "num_classes" not in kwargs:
+                        raise ValueError(
+                            f"The 'cdan' loss needs the number of classes: {type(pl_module).__name__} has no "
+                            "`num_classes`. Pass loss_kwargs={'cdan': {'num_classes': ...}}."
+                        )
+                    kwargs.setdefault("num_classes", int(classes))
                 modules[name] = LOSSES[name](**kwargs)
             pl_module.add_module(MODULE_NAME, nn.ModuleDict(modules))
         setattr(pl_module, ATTRIBUTE, self)
@@ -164,7 +174,8 @@ class DomainAdaptation(Callback):
         target_logits: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The weighted sum of the losses for one training step; logs ``da/<loss>`` and ``da/<loss>_weight``."""
-        given = {"source_features": source_features, "target_features": target_features, "target_logits": target_logits}
+        given = {"source_features": source_features, "target_features": target_features,
+                 "source_logits": source_logits, "target_logits": target_logits}
         modules: nn.ModuleDict = getattr(pl_module, MODULE_NAME)
         ramp = self.ramp()
         total = None
@@ -184,7 +195,7 @@ class DomainAdaptation(Callback):
                     f"Domain-adaptation loss '{name}' needs {', '.join(missing)}, which the module did not pass. "
                     f"Call pl_module.domain_adaptation(pl_module, {', '.join(f'{k}=...' for k in loss_module.needs)})."
                 )
-            if isinstance(loss_module, DANNLoss):
+            if isinstance(loss_module, (DANNLoss, CDANLoss)):  # the ramp is on the reversal strength
                 loss_module.coeff = ramp
                 scaled_weight = weight
             else:
@@ -195,9 +206,9 @@ class DomainAdaptation(Callback):
                 value = loss_module(*(given[k] for k in loss_module.needs))
             pl_module.log(f"da/{name}", value.detach(), on_step=True, on_epoch=True, batch_size=batch)
             pl_module.log(f"da/{name}_weight", float(scaled_weight), on_step=True, on_epoch=False)
-            if isinstance(loss_module, DANNLoss):
-                pl_module.log("da/discriminator_acc", loss_module.last_accuracy, on_step=False, on_epoch=True,
-                              batch_size=batch)
+            if isinstance(loss_module, (DANNLoss, CDANLoss)):
+                key = "da/discriminator_acc" if name == "dann" else f"da/{name}_discriminator_acc"
+                pl_module.log(key, loss_module.last_accuracy, on_step=False, on_epoch=True, batch_size=batch)
             if isinstance(loss_module, PseudoLabelLoss):
                 pl_module.log("da/pseudo_label_rate", loss_module.last_mask_rate, on_step=False, on_epoch=True,
                               batch_size=batch)

@@ -2,9 +2,11 @@
 
 from lightning_ft.distributed import gather_with_grad
 from lightning_ft.losses.adversarial import (
+    CDANLoss,
     DANNLoss,
     DomainDiscriminator,
     GradientReversal,
+    cdan_loss,
     dann_loss,
     grl_coefficient,
     reverse_gradient,
@@ -20,6 +22,7 @@ from lightning_ft.losses.self_training import (
 )
 
 __all__ = [
+    "CDANLoss",
     "CORALLoss",
     "DANNLoss",
     "DomainDiscriminator",
@@ -29,6 +32,7 @@ __all__ = [
     "MMDLoss",
     "MeanAlignmentLoss",
     "PseudoLabelLoss",
+    "cdan_loss",
     "coral",
     "dann_loss",
     "entropy",

@@ -30,7 +30,7 @@ def _model():
     return FineTuneModule("test_resnet", num_classes=10, in_chans=1, img_size=32)
 
 
-@pytest.mark.parametrize("losses", [{"dann": 1.0}, {"mmd": 1.0}, {"coral": 1.0}, {"mean": 1.0},
+@pytest.mark.parametrize("losses", [{"dann": 1.0}, {"cdan": 1.0}, {"mmd": 1.0}, {"coral": 1.0}, {"mean": 1.0},
                                     {"entropy": 0.1}, {"mcc": 1.0}, {"pseudo_label": 1.0}])
 def test_each_loss_trains_logs_and_reports_target_metrics(losses):
     model = _model()

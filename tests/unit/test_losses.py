@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from lightning_ft.losses import (
+    CDANLoss,
     DANNLoss,
     GradientReversal,
     MMDLoss,
+    cdan_loss,
     coral,
     dann_loss,
     entropy,
@@ -167,6 +169,62 @@ def test_dann_loss_trains_the_discriminator_and_reverses_the_features():
     module = DANNLoss(4)
     module.coeff = 0.5
     assert module(torch.randn(4, 4), torch.randn(4, 4)).ndim == 0
+
+
+def _np_cdan(fs, ft, ls, lt, w_disc, b_disc, entropy_conditioning, projection=None):
+    """CDAN(+E) written out in numpy, following Long et al. (2018) and the authors' code."""
+    f = np.concatenate([fs, ft]).astype(np.float64)
+    z = np.concatenate([ls, lt]).astype(np.float64)
+    g = np.exp(z - z.max(1, keepdims=True))
+    g /= g.sum(1, keepdims=True)
+    if projection is None:
+        joint = np.stack([np.outer(g[i], f[i]).ravel() for i in range(len(f))])
+    else:
+        rf, rg = projection
+        joint = (f @ rf) * (g @ rg) / np.sqrt(rf.shape[1])
+    d = joint @ w_disc + b_disc
+    y = np.r_[np.zeros(len(fs)), np.ones(len(ft))]
+    bce = np.maximum(d, 0) - d * y + np.log1p(np.exp(-np.abs(d)))
+    if not entropy_conditioning:
+        return bce.mean()
+    h = -(g * np.log(g + 1e-5)).sum(1)
+    w = 1 + np.exp(-h)
+    n = len(fs)
+    w = np.r_[w[:n] / w[:n].sum(), w[n:] / w[n:].sum()]
+    return (w * bce).sum() / w.sum()
+
+
+@pytest.mark.parametrize("entropy_conditioning", [True, False])
+@pytest.mark.parametrize("randomized", [False, True])
+def test_cdan_matches_numpy_and_reverses_the_feature_gradient(entropy_conditioning, randomized):
+    g = torch.Generator().manual_seed(0)
+    fs, ft = torch.randn(6, 5, generator=g), torch.randn(7, 5, generator=g) + 1
+    ls, lt = torch.randn(6, 3, generator=g) * 2, torch.randn(7, 3, generator=g)
+    projection = (torch.randn(5, 8, generator=g), torch.randn(3, 8, generator=g)) if randomized else None
+    disc = torch.nn.Linear(8 if randomized else 15, 1)
+    fs_, ft_ = fs.clone().requires_grad_(), ft.clone().requires_grad_()
+    loss, acc = cdan_loss(fs_, ft_, ls, lt, lambda x: disc(x).squeeze(-1), coeff=0.5,
+                          entropy_conditioning=entropy_conditioning, projection=projection)
+    np_projection = tuple(t.numpy() for t in projection) if randomized else None
+    ref = _np_cdan(fs.numpy(), ft.numpy(), ls.numpy(), lt.numpy(), disc.weight.detach().numpy()[0],
+                   float(disc.bias), entropy_conditioning, np_projection)
+    assert float(loss) == pytest.approx(ref, rel=1e-5)
+    assert 0.0 <= float(acc) <= 1.0
+    # through the reversal layer the features get -0.5 x the gradient of the plain loss
+    loss.backward()
+    fs2, ft2 = fs.clone().requires_grad_(), ft.clone().requires_grad_()
+    plain, _ = cdan_loss(fs2, ft2, ls, lt, lambda x: disc(x).squeeze(-1), coeff=-1.0,  # reversal of -1: identity
+                         entropy_conditioning=entropy_conditioning, projection=projection)
+    plain.backward()
+    assert torch.allclose(fs_.grad, -0.5 * fs2.grad, atol=1e-6) and torch.allclose(ft_.grad, -0.5 * ft2.grad, atol=1e-6)
+
+
+def test_cdan_module_picks_the_randomized_map_for_wide_inputs():
+    assert not CDANLoss(in_features=64, num_classes=10).randomized  # 640 entries: the exact outer product
+    wide = CDANLoss(in_features=1280, num_classes=10)
+    assert wide.randomized and wide.r_f.shape == (1280, 1024) and "r_f" in wide.state_dict()
+    out = wide(torch.randn(4, 1280), torch.randn(4, 1280), torch.randn(4, 10), torch.randn(4, 10))
+    assert out.ndim == 0 and torch.isfinite(out)
 
 
 def test_losses_compute_in_float32_under_bf16_inputs():
