@@ -49,8 +49,9 @@ class FineTuneModule(L.LightningModule):
         img_size: input size for models with a fixed size (ViT position embeddings are resampled);
             for CNNs it is recorded in :attr:`data_config` so datamodules resize to it.
         feature_dim: feature width of an ``nn.Module`` backbone without ``num_features``.
-        freeze_backbone: linear probing: backbone weights frozen, its BatchNorm kept in eval mode,
-            and no graph kept through it.
+        freeze_backbone: linear probing: backbone weights frozen for the whole run, its BatchNorm
+            kept in eval mode, no graph kept through it, and it is left out of the optimizer (use
+            GradualUnfreezing, not this flag, for a backbone that thaws later).
         lr: the head's learning rate (peak of the schedule).
         weight_decay: decoupled weight decay (none on biases, norms, position embeddings, tokens).
         layer_decay: layer-wise lr decay: the group ``k`` levels below the head gets ``lr * layer_decay**k``.

@@ -96,8 +96,17 @@ def test_other_schedulers_keep_layer_decay(factory, interval):
 
 
 def test_frozen_params_stay_in_the_groups():
-    model = FineTuneModule("test_resnet", num_classes=3, layer_decay=DECAY, freeze_backbone=True)
+    model = FineTuneModule("test_resnet", num_classes=3, layer_decay=DECAY)
+    model.backbone.requires_grad_(False)  # frozen for now (as by GradualUnfreezing): may thaw later
     trainer = fast_trainer(max_steps=1)
     trainer.fit(model, random_loader())
     in_groups = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
     assert in_groups == {id(p) for p in model.parameters()}
+
+
+def test_a_statically_frozen_backbone_is_left_out_of_the_optimizer():
+    model = FineTuneModule("test_resnet", num_classes=3, layer_decay=DECAY, freeze_backbone=True)
+    trainer = fast_trainer(max_steps=1)
+    trainer.fit(model, random_loader())
+    in_groups = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert in_groups == {id(p) for p in model.head.parameters()}  # no per-step optimizer work for the backbone
