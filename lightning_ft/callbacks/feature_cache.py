@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +78,25 @@ def frozen_reason(module: nn.Module) -> str | None:
     return None
 
 
-def _state_fingerprint(module: nn.Module) -> tuple[tuple[int, int], ...]:
-    return tuple((t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
+class _Watch:
+    """What the validity check looks at, collected once: a check per epoch then costs microseconds."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.params = list(module.named_parameters())
+        self.tensors = [*module.parameters(), *module.buffers()]
+        self.stateful = [(name, m) for name, m in module.named_modules() if _changes_in_training_mode(m)]
+
+    def reason(self) -> str | None:
+        for name, p in self.params:
+            if p.requires_grad:
+                return f"backbone parameter '{name}' is trainable"
+        for name, m in self.stateful:
+            if m.training:
+                return f"backbone layer '{name}' ({type(m).__name__}) runs in training mode, so its output changes"
+        return None
+
+    def state(self) -> tuple[tuple[int, int], ...]:
+        return tuple((t.data_ptr(), t._version) for t in self.tensors)
 
 
 def _default_limit_bytes(device: torch.device) -> int:
@@ -127,11 +145,12 @@ class FeatureCache(Callback):
         self.build_batch_size = build_batch_size
         self.active = False
         self.tables: dict[tuple[int, int, float], FeatureTable] = {}
-        self.stats = {"builds": 0, "cached_batches": 0, "reloaded_batches": 0}
+        self.stats: dict[str, float] = {"builds": 0, "build_seconds": 0.0, "cached_batches": 0, "reloaded_batches": 0}
         self._patched: dict[int, tuple[DataLoader, str]] = {}
         self._keys: dict[int, tuple[int, int, float]] = {}
         self._train_loader: DataLoader | None = None
         self._state: tuple[tuple[int, int], ...] | None = None
+        self._watch: _Watch | None = None
         self._dirty = False
         self._trainer: L.Trainer | None = None
         self._module: L.LightningModule | None = None
@@ -158,7 +177,8 @@ class FeatureCache(Callback):
                 "(FineTuneModule(freeze_backbone=True), LinearProbing or GradualUnfreezing), or drop FeatureCache."
             )
         self._trainer, self._module = trainer, pl_module
-        self._state = _state_fingerprint(pl_module.backbone)
+        self._watch = _Watch(pl_module.backbone)
+        self._state = self._watch.state()
         loaders = self._loaders(trainer)
         for split, loader in loaders:
             self._check_loader(split, loader)
@@ -227,8 +247,10 @@ class FeatureCache(Callback):
         parts = ", ".join(f"{split}: {len(loader.dataset):,} x {s} {str(d).replace('torch.', '')} = {_human(b)}"
                           for (split, loader, _), (s, d), b in zip(todo, shapes, sizes))
         rank_zero_info(f"FeatureCache: {parts}; total {_human(sum(sizes))} -> {where} (limit {_human(limit)})")
+        start = time.perf_counter()
         for (split, loader, key), (shape, dtype) in zip(todo, shapes):
             self.tables[key] = self._build(trainer, pl_module, loader, split, shape, dtype, on_disk)
+        self.stats["build_seconds"] += time.perf_counter() - start
 
     def _dir(self, trainer: L.Trainer) -> Path:
         return self.cache_dir or Path(trainer.default_root_dir) / "feature_cache"
@@ -280,17 +302,16 @@ class FeatureCache(Callback):
     # ------------------------------------------------------------------ serve
     def _usable(self) -> bool:
         """Is the cache still right? Switch it off (for good) or rebuild it if not."""
-        if not self.active or self._module is None or self._trainer is None:
+        if not self.active or self._module is None or self._trainer is None or self._watch is None:
             return False
-        backbone = self._module.backbone
-        reason = frozen_reason(backbone)
+        reason = self._watch.reason()
         if reason is not None:
             self.active = False
             self._drop_tables()
             rank_zero_info(f"FeatureCache off from epoch {self._trainer.current_epoch}: {reason}. "
                            "Training runs through the model from here on.")
             return False
-        state = _state_fingerprint(backbone)
+        state = self._watch.state()
         stale_data = any(sample_fingerprint(dl.dataset) != self._keys.get(i) for i, (dl, _) in self._patched.items())
         if state != self._state or stale_data:
             why = "the frozen weights changed" if state != self._state else "the data changed"
