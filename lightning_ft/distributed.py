@@ -21,6 +21,23 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+class _AllGather(torch.autograd.Function):
+    """``all_gather`` whose backward hands each rank the sum over ranks of the gradient for its part."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        ctx.rank = dist.get_rank()
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        stacked = torch.stack(grads)
+        dist.all_reduce(stacked)  # every rank's gradient for every part, summed
+        return stacked[ctx.rank]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """``x`` of shape ``(N_r, ...)`` on every rank -> ``(sum_r N_r, ...)`` in rank order, differentiable.
 
@@ -30,8 +47,6 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     world = world_size()
     if world == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
     size = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
     sizes = [torch.zeros_like(size) for _ in range(world)]
     dist.all_gather(sizes, size)
@@ -39,5 +54,5 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     biggest = max(counts)
     if x.shape[0] < biggest:
         x = torch.cat([x, x.new_zeros((biggest - x.shape[0], *x.shape[1:]))])
-    parts = all_gather(x.contiguous())
+    parts = _AllGather.apply(x.contiguous())
     return torch.cat([part[:n] for part, n in zip(parts, counts)])

@@ -96,6 +96,8 @@ def main(out_dir: Path, mode: str) -> None:
         "seen": model.seen,
         "gathered_grad": x.grad.tolist(),
     }
+    torch.distributed.barrier()  # both ranks are done with collectives: shut the process group down cleanly
+    torch.distributed.destroy_process_group()
     (out_dir / f"rank{rank}.json").write_text(json.dumps(record))
 
 

@@ -56,6 +56,8 @@ def main(out_dir: Path, mode: str) -> None:
         "images": kinds.images,
         "val_acc": float(trainer.callback_metrics["val/acc"]),
     }
+    torch.distributed.barrier()  # both ranks are done with collectives: shut the process group down cleanly
+    torch.distributed.destroy_process_group()
     (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
