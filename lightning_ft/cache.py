@@ -92,6 +92,13 @@ class _CachedIterator:
         self._table = table
         self._length = len(loader)
 
+    @classmethod
+    def continuing(cls, sampler_iter: Iterator[Any], table: FeatureTable, length: int) -> _CachedIterator:
+        """Serve the remaining index batches of an iterator that already started (no new random draws)."""
+        it = cls.__new__(cls)
+        it._sampler_iter, it._table, it._length = sampler_iter, table, length
+        return it
+
     def __iter__(self) -> _CachedIterator:
         return self
 

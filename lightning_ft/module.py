@@ -197,8 +197,13 @@ class FineTuneModule(L.LightningModule):
         """``(pooled features (B, D), logits (B, C))`` -- what domain-adaptation losses need."""
         feats = self.features(x)
         pooled = pool_features(self.backbone, feats)
-        logits = self.head(to_tokens(feats) if getattr(self.head, "wants_tokens", False) else pooled)
+        logits = self.head(self._head_inputs(feats, pooled))
         return pooled, logits
+
+    def _head_inputs(self, feats: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        if getattr(self.head, "wants_tokens", False):
+            return to_tokens(feats)
+        return pooled if pooled is not None else pool_features(self.backbone, feats)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)[1]
@@ -206,8 +211,7 @@ class FineTuneModule(L.LightningModule):
     @torch.no_grad()
     def cache_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """What the head consumes (pooled features, or tokens for a token head): the part FeatureCache stores."""
-        feats = backbone_features(self.backbone, x)
-        return to_tokens(feats) if getattr(self.head, "wants_tokens", False) else pool_features(self.backbone, feats)
+        return self._head_inputs(backbone_features(self.backbone, x))
 
     def train(self, mode: bool = True) -> FineTuneModule:
         super().train(mode)

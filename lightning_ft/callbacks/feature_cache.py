@@ -69,13 +69,7 @@ def _changes_in_training_mode(m: nn.Module) -> bool:
 
 def frozen_reason(module: nn.Module) -> str | None:
     """Why ``module``'s output may change from one batch to the next (``None``: a fixed function)."""
-    for name, p in module.named_parameters():
-        if p.requires_grad:
-            return f"backbone parameter '{name}' is trainable"
-    for name, m in module.named_modules():
-        if m.training and _changes_in_training_mode(m):
-            return f"backbone layer '{name}' ({type(m).__name__}) runs in training mode, so its output changes"
-    return None
+    return _Watch(module).reason()
 
 
 class _Watch:
@@ -347,10 +341,7 @@ class FeatureCache(Callback):
             if type(live).__name__ != "_SingleProcessDataLoaderIter" or sampler_iter is None:
                 continue  # worker processes hold prefetched indices: this epoch stays uncached
             table = self.tables[self._keys[id(self._train_loader)]]
-            takeover = _CachedIterator.__new__(_CachedIterator)
-            takeover._sampler_iter, takeover._table = sampler_iter, table
-            takeover._length = len(self._train_loader)  # type: ignore[arg-type]
-            iterators[i] = takeover
+            iterators[i] = _CachedIterator.continuing(sampler_iter, table, len(self._train_loader))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._dirty = True  # a callback may thaw layers here: check before the next training batch

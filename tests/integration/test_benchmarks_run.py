@@ -18,47 +18,30 @@ def _run(script, *args, timeout=600):
     return result.stdout
 
 
-@pytest.mark.slow
-def test_unfreezing_benchmark_quick():
-    out = _run("unfreezing.py", "--quick")
-    assert "ratio to ours" in out and "no-grad forward" in out
-    assert "lightning_ft GradualUnfreezing" in out and "Lightning BackboneFinetuning" in out
+# script -> (quick-mode arguments, strings its output must hold)
+BENCHMARKS = {
+    "unfreezing.py": (["--quick"], ["ratio to ours", "no-grad forward", "lightning_ft GradualUnfreezing",
+                                    "Lightning BackboneFinetuning"]),
+    "recipes.py": (["--quick"], [f"| {r} |" for r in ("linear probe", "gradual unfreezing", "full fine-tuning",
+                                                       "full + LLRD")]),
+    "adaptation.py": (["--quick"], ["| source only |", "vs source only", "| val/label_free |", "best epoch (oracle)"]),
+    "linear_probe.py": (["--quick", "--tools", "ours", "plain"], ["| 1x | ours |", "| 1x | plain |",
+                                                                  "one no-grad forward pass"]),
+    "overhead.py": (["--quick"], ["step-time ratio callbacks / plain"]),
+    "memory.py": (["--quick"], ["1 process", "DDP, 2 CPU ranks", "| 0 |"]),  # "| 0 |": the head-only row
+}
 
 
 @pytest.mark.slow
-def test_recipes_benchmark_quick():
-    out = _run("recipes.py", "--quick")
-    for recipe in ("linear probe", "gradual unfreezing", "full fine-tuning", "full + LLRD"):
-        assert f"| {recipe} |" in out
-
-
-@pytest.mark.slow
-def test_adaptation_benchmark_quick():
-    out = _run("adaptation.py", "--quick")
-    assert "| source only |" in out and "vs source only" in out
-    assert "| val/label_free |" in out and "best epoch (oracle)" in out
-
-
-@pytest.mark.slow
-def test_linear_probe_benchmark_quick():
-    out = _run("linear_probe.py", "--quick", "--tools", "ours", "plain")
-    assert "| 1x | ours |" in out and "| 1x | plain |" in out and "one no-grad forward pass" in out
-
-
-@pytest.mark.slow
-def test_overhead_benchmark_quick():
-    out = _run("overhead.py", "--quick")
-    assert "step-time ratio callbacks / plain" in out
-
-
-@pytest.mark.slow
-@pytest.mark.ddp
-def test_memory_benchmark_quick():
-    out = _run("memory.py", "--quick")
-    assert "1 process" in out and "DDP, 2 CPU ranks" in out
-    assert "| 0 |" in out  # the head-only row
+@pytest.mark.parametrize(
+    "script", [pytest.param(name, marks=[pytest.mark.ddp] if name == "memory.py" else []) for name in BENCHMARKS]
+)
+def test_benchmark_quick_mode_runs(script):
+    args, expected = BENCHMARKS[script]
+    out = _run(script, *args)
+    missing = [text for text in expected if text not in out]
+    assert not missing, f"{script} output lacks {missing}:\n{out[-3000:]}"
 
 
 def test_every_benchmark_has_a_quick_run():
-    assert {p.name for p in (REPO / "benchmarks").glob("*.py")} <= {
-        "unfreezing.py", "recipes.py", "adaptation.py", "linear_probe.py", "overhead.py", "memory.py"}
+    assert {p.name for p in (REPO / "benchmarks").glob("*.py")} <= set(BENCHMARKS), "add it to BENCHMARKS"

@@ -223,3 +223,38 @@ def test_ddp_ranks_share_one_table_and_match_the_uncached_run(tmp_path):
     for key in c0["head"]:
         assert torch.allclose(torch.tensor(c0["head"][key]), torch.tensor(p0["head"][key]), atol=1e-5)
     assert c0["val_acc"] == pytest.approx(p0["val_acc"], abs=1e-6)
+
+
+def test_changed_data_rebuilds_the_tables():
+    class ChangeImages(Callback):  # the training images change in place after epoch 0 (same dataset object)
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                images = trainer.datamodule.train_set.dataset.tensors[0]
+                images.mul_(-1.0)
+
+    plain, _, _ = _fit(None, callbacks=[ChangeImages()])
+    cache = FeatureCache()
+    cached, _, _ = _fit(cache, callbacks=[ChangeImages()])
+    assert cache.stats["builds"] == 4  # train + val, then again once the data changed
+    assert _max_diff(plain, cached) < 1e-5
+
+
+@pytest.mark.parametrize("problem", ["iterable", "persistent_workers"])
+def test_loaders_the_cache_cannot_serve_are_refused(problem):
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter([(torch.zeros(1, 32, 32), 0)] * 8)
+
+    loader = (DataLoader(Stream(), batch_size=4) if problem == "iterable"
+              else DataLoader(Noisy(), batch_size=8, num_workers=1, persistent_workers=True))
+    match = "IterableDataset" if problem == "iterable" else "persistent_workers=True"
+    trainer = fast_trainer(max_steps=2, callbacks=[FeatureCache()])  # a stream has no length to schedule by
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(_model(freeze_backbone=True), loader)
+
+
+def test_a_negative_memory_limit_is_refused():
+    with pytest.raises(ValueError, match="max_memory_gb must be >= 0"):
+        FeatureCache(max_memory_gb=-1)

@@ -122,3 +122,29 @@ def test_seeded_runs_are_reproducible():
         return model.head.fc.weight.detach().clone()
 
     assert torch.equal(run(), run())
+
+
+def test_epoch_metrics_and_loss_equal_a_direct_computation(monkeypatch):
+    """Metrics are buffered (METRIC_BUFFER batches per update) and logged once per epoch; the loss
+    epoch value is a sample-weighted mean. Both must equal what one computes from the batches."""
+    monkeypatch.setattr(FineTuneModule, "METRIC_BUFFER", 3)  # 7 batches: two full buffers and a remainder
+    torch.manual_seed(0)
+    model = FineTuneModule("test_resnet", num_classes=3, in_chans=3, img_size=32, lr=1e-3)
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((float(outputs["loss"]), len(batch[1])))
+
+    loader = random_loader(n=52, batch=8)  # 6 batches of 8 and one of 4
+    val = random_loader(n=52, batch=8, seed=1)
+    trainer = fast_trainer(max_epochs=1, callbacks=[Record()], log_every_n_steps=1)
+    trainer.fit(model, loader, val)
+    expected_loss = sum(loss * n for loss, n in seen) / sum(n for _, n in seen)
+    assert float(trainer.callback_metrics["train/loss_epoch"]) == pytest.approx(expected_loss, rel=1e-5)
+    model.eval()
+    with torch.no_grad():
+        x, y = val.dataset.tensors
+        correct = (model(x).argmax(-1) == y).float().mean()
+    assert float(trainer.callback_metrics["val/acc"]) == pytest.approx(float(correct), abs=1e-6)
+    assert not model._pending  # nothing left behind in a buffer
