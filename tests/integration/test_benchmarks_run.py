@@ -26,7 +26,7 @@ BENCHMARKS = {
                                                        "full + LLRD")]),
     "adaptation.py": (["--quick"], ["| source only |", "vs source only", "| val/label_free |", "best epoch (oracle)"]),
     "linear_probe.py": (["--quick", "--tools", "ours", "plain"], ["| 1x | ours |", "| 1x | plain |",
-                                                                  "one no-grad forward pass"]),
+                                                                  "one no-grad forward pass", "hand-written PyTorch head loop"]),
     "overhead.py": (["--quick"], ["step-time ratio callbacks / plain"]),
     "memory.py": (["--quick"], ["1 process", "DDP, 2 CPU ranks", "| 0 |"]),  # "| 0 |": the head-only row
 }
