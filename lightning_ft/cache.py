@@ -3,7 +3,8 @@
 The pieces :class:`lightning_ft.callbacks.FeatureCache` is built from (torch only, no Lightning):
 
 * :class:`FeatureBatch`: what a cached loader yields in place of ``(images, labels)``: the head's
-  inputs for the batch, the labels and the dataset indices.
+  inputs for the batch (or the input of the first trainable layer, with the
+  :class:`lightning_ft.prefix.PrefixCut` to run from), the labels and the dataset indices.
 * :class:`FeatureTable`: one row per dataset sample, in memory (on the model's device) or
   memory-mapped on disk.
 * :func:`cached_iterator`: iterates a ``DataLoader``'s own (batch) sampler -- so the batches and
@@ -23,6 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from lightning_ft.prefix import PrefixCut
+
 __all__ = ["FeatureBatch", "FeatureTable", "cached_iterator", "random_transform_report", "sample_fingerprint"]
 
 _RANDOM_NAMES = ("Random", "AutoAugment", "RandAugment", "TrivialAugment", "AugMix", "ColorJitter", "Mixup", "CutMix")
@@ -38,11 +41,12 @@ class FeatureBatch:
     it uses (tables on the device are there already).
     """
 
-    __slots__ = ("features", "target", "index", "images")
+    __slots__ = ("features", "target", "index", "images", "cut")
 
     def __init__(self, features: torch.Tensor | None, target: torch.Tensor, index: torch.Tensor,
-                 images: torch.Tensor | None = None) -> None:
+                 images: torch.Tensor | None = None, cut: PrefixCut | None = None) -> None:
         self.features, self.target, self.index, self.images = features, target, index, images
+        self.cut = cut  # None: features are the head's inputs; else the input of cut.module (run from there)
 
     def __len__(self) -> int:
         return len(self.target)
@@ -56,8 +60,9 @@ class FeatureTable:
     """Rows of the frozen part's output for every sample of one dataset, plus the labels."""
 
     def __init__(self, features: torch.Tensor | np.memmap, labels: torch.Tensor, dtype: torch.dtype,
-                 path: Path | None = None) -> None:
+                 path: Path | None = None, cut: PrefixCut | None = None) -> None:
         self.features = features
+        self.cut = cut
         self.labels = labels
         self.dtype = dtype  # the dtype the features were computed in (a memmap may hold a wider one)
         self.path = path
@@ -72,7 +77,7 @@ class FeatureTable:
             rows = self.features[idx.to(self.features.device)]
         else:  # memmap: read the rows, hand a CPU tensor to Lightning's device transfer
             rows = torch.from_numpy(np.ascontiguousarray(self.features[idx.numpy()])).to(self.dtype)
-        return FeatureBatch(rows, self.labels[idx.to(self.labels.device)], idx)
+        return FeatureBatch(rows, self.labels[idx.to(self.labels.device)], idx, cut=self.cut)
 
     def close(self) -> None:
         if self.path is not None:

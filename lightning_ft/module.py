@@ -249,8 +249,12 @@ class FineTuneModule(L.LightningModule):
         if isinstance(batch, FeatureBatch):  # served by FeatureCache: the frozen backbone's outputs
             y = batch.target.to(self.device)  # no-op for tables on the device; memory-mapped rows come from the CPU
             self._check_targets(y)
-            if batch.features is not None:
+            if batch.features is not None and batch.cut is None:
                 logits = self.head(batch.features.to(self.device))
+            elif batch.features is not None:  # the frozen prefix's output: run the rest of the model from its cut
+                feats = batch.features.to(self.device)
+                with batch.cut.inject(feats):
+                    logits = self(batch.cut.placeholder_input(len(feats), self.device))
             else:
                 logits = self(batch.images.to(self.device))
         else:

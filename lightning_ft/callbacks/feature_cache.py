@@ -54,17 +54,9 @@ from lightning_ft.cache import (
 )
 from lightning_ft.callbacks._common import check_strategy
 from lightning_ft.distributed import gather_with_grad
+from lightning_ft.prefix import PrefixCut, changes_in_training_mode, find_cut
 
 __all__ = ["FeatureCache", "frozen_reason"]
-
-
-def _changes_in_training_mode(m: nn.Module) -> bool:
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        return bool(m.track_running_stats)
-    if isinstance(m, nn.modules.dropout._DropoutNd):
-        return m.p > 0
-    prob = getattr(m, "drop_prob", None)  # timm DropPath / DropBlock
-    return isinstance(prob, float) and prob > 0
 
 
 def frozen_reason(module: nn.Module) -> str | None:
@@ -78,7 +70,7 @@ class _Watch:
     def __init__(self, module: nn.Module) -> None:
         self.params = list(module.named_parameters())
         self.tensors = [*module.parameters(), *module.buffers()]
-        self.stateful = [(name, m) for name, m in module.named_modules() if _changes_in_training_mode(m)]
+        self.stateful = [(name, m) for name, m in module.named_modules() if changes_in_training_mode(m)]
 
     def reason(self) -> str | None:
         for name, p in self.params:
@@ -91,6 +83,13 @@ class _Watch:
 
     def state(self) -> tuple[tuple[int, int], ...]:
         return tuple((t.data_ptr(), t._version) for t in self.tensors)
+
+    def grads(self) -> tuple[bool, ...]:
+        return tuple(p.requires_grad for _, p in self.params)
+
+    def signature(self) -> tuple[tuple[bool, ...], tuple[bool, ...]]:
+        """What decides the cut: which parameters train, which stateful layers run in training mode."""
+        return self.grads(), tuple(m.training for _, m in self.stateful)
 
 
 def _default_limit_bytes(device: torch.device) -> int:
@@ -139,12 +138,15 @@ class FeatureCache(Callback):
         self.build_batch_size = build_batch_size
         self.active = False
         self.tables: dict[tuple[int, int, float], FeatureTable] = {}
-        self.stats: dict[str, float] = {"builds": 0, "build_seconds": 0.0, "cached_batches": 0, "reloaded_batches": 0}
+        self.stats: dict[str, float] = {"builds": 0, "build_seconds": 0.0, "cached_batches": 0,
+                                        "moved_batches": 0, "reloaded_batches": 0}
         self._patched: dict[int, tuple[DataLoader, str]] = {}
         self._keys: dict[int, tuple[int, int, float]] = {}
         self._train_loader: DataLoader | None = None
         self._state: tuple[tuple[int, int], ...] | None = None
         self._watch: _Watch | None = None
+        self._signature: tuple[tuple[bool, ...], tuple[bool, ...]] | None = None
+        self.cut: PrefixCut | None = None  # None: the table holds the head's inputs (the whole backbone is frozen)
         self._dirty = False
         self._trainer: L.Trainer | None = None
         self._module: L.LightningModule | None = None
@@ -164,23 +166,43 @@ class FeatureCache(Callback):
             )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        reason = frozen_reason(pl_module.backbone)
-        if reason is not None:
-            raise ValueError(
-                f"FeatureCache needs a frozen backbone at the start of training, but {reason}. Freeze it "
-                "(FineTuneModule(freeze_backbone=True), LinearProbing or GradualUnfreezing), or drop FeatureCache."
-            )
         self._trainer, self._module = trainer, pl_module
         self._watch = _Watch(pl_module.backbone)
-        self._state = self._watch.state()
         loaders = self._loaders(trainer)
         for split, loader in loaders:
             self._check_loader(split, loader)
+        cut, why = self._choose_cut()
+        if why:
+            raise ValueError(
+                f"FeatureCache needs a frozen backbone, or a frozen prefix of it, at the start of training, but {why}. "
+                "Freeze it (FineTuneModule(freeze_backbone=True), LinearProbing or GradualUnfreezing), or drop "
+                "FeatureCache."
+            )
+        self.cut, self._signature = cut, self._watch.signature()
+        self._state = self._weights_state()
         self._estimate_and_build(trainer, pl_module, loaders)
         self.active = True
         for split, loader in loaders:
             self._patch(loader, split)
         self._take_over_live_iterators(trainer)
+
+    def _choose_cut(self) -> tuple[PrefixCut | None, str]:
+        """``(None, "")``: cache the head's inputs; ``(cut, "")``: cache the frozen prefix up to ``cut``;
+        ``(None, why)``: nothing can be cached."""
+        assert self._watch is not None and self._module is not None and self._trainer is not None
+        reason = self._watch.reason()
+        if reason is None:
+            return None, ""
+        loader = self._train_loader
+        assert loader is not None
+        x, _ = fetch_inputs(loader.dataset, list(range(min(2, len(loader.dataset)))), loader.collate_fn)
+        with self._trainer.precision_plugin.forward_context():
+            cut, why = find_cut(self._module.backbone, self._module.cache_inputs, x.to(self._module.device))
+        return cut, "" if cut is not None else f"{reason}, and {why}"
+
+    def _weights_state(self) -> tuple[tuple[int, int], ...]:
+        assert self._watch is not None
+        return self.cut.state() if self.cut is not None else self._watch.state()
 
     def _loaders(self, trainer: L.Trainer) -> list[tuple[str, DataLoader]]:
         train = trainer.fit_loop._combined_loader
@@ -231,7 +253,7 @@ class FeatureCache(Callback):
         for split, loader, _ in todo:
             x, _ = fetch_inputs(loader.dataset, [0], loader.collate_fn)
             with torch.no_grad(), trainer.precision_plugin.forward_context():
-                probe = pl_module.cache_inputs(x.to(device))
+                probe = self._compute(pl_module, x.to(device))
             shapes.append((tuple(probe.shape[1:]), probe.dtype))
         sizes = [len(loader.dataset) * math.prod(s) * torch.empty((), dtype=d).element_size()
                  for (_, loader, _), (s, d) in zip(todo, shapes)]
@@ -240,11 +262,17 @@ class FeatureCache(Callback):
         where = (f"memory-mapped under {self._dir(trainer)}" if on_disk else f"in memory on {device}")
         parts = ", ".join(f"{split}: {len(loader.dataset):,} x {s} {str(d).replace('torch.', '')} = {_human(b)}"
                           for (split, loader, _), (s, d), b in zip(todo, shapes, sizes))
-        rank_zero_info(f"FeatureCache: {parts}; total {_human(sum(sizes))} -> {where} (limit {_human(limit)})")
+        what = "head inputs" if self.cut is None else f"inputs of '{self.cut.name}' (the frozen prefix)"
+        rank_zero_info(f"FeatureCache, {what}: {parts}; total {_human(sum(sizes))} -> {where} (limit {_human(limit)})")
         start = time.perf_counter()
         for (split, loader, key), (shape, dtype) in zip(todo, shapes):
             self.tables[key] = self._build(trainer, pl_module, loader, split, shape, dtype, on_disk)
         self.stats["build_seconds"] += time.perf_counter() - start
+
+    def _compute(self, pl_module: L.LightningModule, x: torch.Tensor) -> torch.Tensor:
+        if self.cut is None:
+            return pl_module.cache_inputs(x)
+        return self.cut.capture(pl_module.cache_inputs, x)
 
     def _dir(self, trainer: L.Trainer) -> Path:
         return self.cache_dir or Path(trainer.default_root_dir) / "feature_cache"
@@ -275,7 +303,7 @@ class FeatureCache(Callback):
             if idx:
                 x, y = fetch_inputs(dataset, idx, loader.collate_fn)
                 with trainer.precision_plugin.forward_context():
-                    f = pl_module.cache_inputs(x.to(device))
+                    f = self._compute(pl_module, x.to(device))
                 y = torch.as_tensor(y, device=device).long()
             else:
                 f = torch.empty((0, *shape), dtype=dtype, device=device)
@@ -291,29 +319,49 @@ class FeatureCache(Callback):
         if isinstance(features, np.memmap):
             features.flush()
         self.stats["builds"] += 1
-        return FeatureTable(features, labels, dtype, path)
+        return FeatureTable(features, labels, dtype, path, cut=self.cut)
 
     # ------------------------------------------------------------------ serve
-    def _usable(self) -> bool:
-        """Is the cache still right? Switch it off (for good) or rebuild it if not."""
+    def _usable(self, training: bool = True) -> bool:
+        """Is the cache right for the model as it is now? Move the cut, rebuild, or switch off if not.
+
+        The cut is chosen in training context only: validation runs every layer in eval mode, which
+        says nothing about which layers train.
+        """
         if not self.active or self._module is None or self._trainer is None or self._watch is None:
             return False
-        reason = self._watch.reason()
-        if reason is not None:
-            self.active = False
-            self._drop_tables()
-            rank_zero_info(f"FeatureCache off from epoch {self._trainer.current_epoch}: {reason}. "
-                           "Training runs through the model from here on.")
-            return False
-        state = self._watch.state()
+        signature = self._watch.signature()
+        if signature != self._signature and not training:
+            if self._signature is None or signature[0] != self._signature[0]:
+                return False  # the trainable set changed since the last training check: validate uncached
+        elif signature != self._signature:
+            self._signature = signature
+            cut, why = self._choose_cut()
+            if why:
+                self.active = False
+                self._drop_tables()
+                rank_zero_info(f"FeatureCache off from epoch {self._trainer.current_epoch}: {why}. "
+                               "Training runs through the whole model from here on.")
+                return False
+            if (cut.name if cut else None) != (self.cut.name if self.cut else None):
+                where = "head inputs" if cut is None else f"input of '{cut.name}'"
+                rank_zero_info(f"FeatureCache: the trainable part changed; caching the {where} from here on.")
+                self.cut = cut
+                self._rebuild()
+                return True
+        state = self._weights_state()
         stale_data = any(sample_fingerprint(dl.dataset) != self._keys.get(i) for i, (dl, _) in self._patched.items())
         if state != self._state or stale_data:
             why = "the frozen weights changed" if state != self._state else "the data changed"
             rank_zero_info(f"FeatureCache: {why}; rebuilding the tables.")
-            self._drop_tables()
-            self._state = state
-            self._estimate_and_build(self._trainer, self._module, [(s, dl) for dl, s in self._patched.values()])
+            self._rebuild()
         return True
+
+    def _rebuild(self) -> None:
+        assert self._trainer is not None and self._module is not None
+        self._drop_tables()
+        self._state = self._weights_state()
+        self._estimate_and_build(self._trainer, self._module, [(s, dl) for dl, s in self._patched.values()])
 
     def _patch(self, loader: DataLoader, split: str) -> None:
         if id(loader) in self._patched:
@@ -321,7 +369,7 @@ class FeatureCache(Callback):
         original = loader._get_iterator
 
         def _get_iterator() -> Any:
-            if self._usable():
+            if self._usable(training=split == "train"):
                 return cached_iterator(loader, self.tables[self._keys[id(loader)]])
             return original()
 
@@ -347,19 +395,24 @@ class FeatureCache(Callback):
         self._dirty = True  # a callback may thaw layers here: check before the next training batch
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._dirty:
-            self._dirty = False
+        if self.active and (self._dirty or self._watch is not None and self._watch.signature() != self._signature):
+            self._dirty = False  # a layer thawed (or a callback ran after validation): check before this step
             self._usable()
         if not isinstance(batch, FeatureBatch) or batch.features is None:
             return
-        if self.active:
+        if self.active and batch.cut is self.cut:
             self.stats["cached_batches"] += 1
             return
-        # fetched from the cache before it went off: load the images of these samples instead
         loader = self._train_loader
         assert loader is not None
+        if self.active:  # fetched before the cut moved: the same rows of the new table
+            fresh = self.tables[self._keys[id(loader)]].batch(batch.index)
+            batch.features, batch.cut = fresh.features, fresh.cut
+            self.stats["moved_batches"] += 1
+            return
+        # fetched from the cache before it went off: load the images of these samples instead
         x, _ = fetch_inputs(loader.dataset, batch.index.tolist(), loader.collate_fn)
-        batch.images, batch.features = x.to(pl_module.device), None
+        batch.images, batch.features, batch.cut = x.to(pl_module.device), None, None
         self.stats["reloaded_batches"] += 1
 
     # ---------------------------------------------------------------- cleanup

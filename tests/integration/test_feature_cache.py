@@ -1,6 +1,7 @@
-"""FeatureCache: the cached path trains the same head as the uncached one, goes off the moment a
-cached layer thaws, is rebuilt when the frozen weights or the data change, and refuses random
-augmentation with a message that says what to do.
+"""FeatureCache: the cached path trains the same model as the uncached one; when layers thaw it
+caches the frozen prefix before the first trainable one and runs the rest, and goes off when
+nothing before a trainable layer stays frozen; it is rebuilt when the frozen weights or the data
+change, and refuses random augmentation with a message that says what to do.
 
 Each comparison runs the same seeded fit twice, with and without the callback, on the same
 shuffled batches, and compares the final weights (float tolerance: the cached features were
@@ -42,7 +43,9 @@ class BatchKinds(Callback):
         self.kinds: dict[int, list[str]] = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        kind = "cached" if isinstance(batch, FeatureBatch) and batch.features is not None else "images"
+        kind = "images"
+        if isinstance(batch, FeatureBatch) and batch.features is not None:
+            kind = "cached" if batch.cut is None else f"prefix:{batch.cut.name}"
         self.kinds.setdefault(trainer.current_epoch, []).append(kind)
 
 
@@ -96,35 +99,45 @@ def test_memory_mapped_tables_equal_in_memory_ones_and_are_deleted(tmp_path):
     assert _max_diff(plain, cached) < 1e-5
 
 
-def test_unfreezing_switches_the_cache_off_and_matches_the_uncached_run():
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_thawing_moves_the_cut_then_switches_the_cache_off_and_matches_the_uncached_run(precision):
     def unfreezing():
-        return GradualUnfreezing(monitor=None, milestones={1: ["layer4.0"], 2: "all"}, verbose=False)
+        return GradualUnfreezing(monitor=None, milestones={1: ["layer4.0"], 2: ["layer3.0"], 3: "all"}, verbose=False)
 
-    plain, _, _ = _fit(None, model=_model(), callbacks=[unfreezing()])
+    plain, _, _ = _fit(None, epochs=4, model=_model(), callbacks=[unfreezing()], precision=precision)
     cache = FeatureCache()
-    cached, _, kinds = _fit(cache, model=_model(), callbacks=[unfreezing()])
-    assert set(kinds[0]) == {"cached"} and set(kinds[1]) == {"images"} and set(kinds[2]) == {"images"}
-    assert not cache.active and not cache.tables
-    assert _max_diff(plain, cached) < 1e-5  # the whole model: backbone layers trained on images after the thaw
+    cached, _, kinds = _fit(cache, epochs=4, model=_model(), callbacks=[unfreezing()], precision=precision)
+    assert [set(kinds[e]) for e in range(4)] == [{"cached"}, {"prefix:layer4"}, {"prefix:layer3"}, {"images"}]
+    assert cache.stats["builds"] == 6  # train + val: head inputs, then the inputs of layer4, then of layer3
+    # the whole model, thawed layers included: the suffix trained on the cached prefix as on the images
+    assert _max_diff(plain, cached) < (1e-5 if precision == "32-true" else 1e-3)
 
 
-def test_a_thaw_at_a_mid_epoch_validation_reloads_the_prefetched_batch_as_images():
-    def unfreezing():
-        return GradualUnfreezing(monitor=None, milestones={1: "all"}, verbose=False)
-
-    class ThawMidEpoch(Callback):  # thaws at the first mid-epoch validation, after the batch was prefetched
+@pytest.mark.parametrize("thaw, expect", [("layer4", "moved"), ("all", "reloaded")])
+def test_a_thaw_at_a_mid_epoch_validation_serves_the_prefetched_batch_right(thaw, expect):
+    class ThawMidEpoch(Callback):  # thaws at the first mid-epoch validation, after the next batch was prefetched
         def on_validation_end(self, trainer, pl_module):
             if trainer.current_epoch == 0 and not trainer.sanity_checking:
-                for p in pl_module.backbone.layer4.parameters():
+                for p in (pl_module.backbone if thaw == "all" else pl_module.backbone.layer4).parameters():
                     p.requires_grad_(True)
 
-    plain, _, _ = _fit(None, epochs=1, model=_model(freeze_backbone=False), callbacks=[unfreezing(), ThawMidEpoch()],
+    def callbacks():
+        return [GradualUnfreezing(monitor=None, milestones={1: "all"}, verbose=False), ThawMidEpoch()]
+
+    plain, _, _ = _fit(None, epochs=1, model=_model(freeze_backbone=False), callbacks=callbacks(),
                        val_check_interval=0.5)
     cache = FeatureCache()
-    cached, _, kinds = _fit(cache, epochs=1, model=_model(freeze_backbone=False),
-                            callbacks=[unfreezing(), ThawMidEpoch()], val_check_interval=0.5)
-    assert "cached" in kinds[0] and "images" in kinds[0] and not cache.active
-    assert cache.stats["reloaded_batches"] >= 1  # the prefetched batch did not train the head on stale inputs
+    cached, _, kinds = _fit(cache, epochs=1, model=_model(freeze_backbone=False), callbacks=callbacks(),
+                            val_check_interval=0.5)
+    if expect == "moved":  # the prefetched batch is served from the new table (inputs of layer4)
+        assert kinds[0][0] == "cached" and kinds[0][-1] == "prefix:layer4"
+        # the rest of the epoch comes from the iterator made before the thaw: each batch moves to the new table
+        assert cache.stats["moved_batches"] == kinds[0].count("prefix:layer4") >= 1
+        assert cache.stats["reloaded_batches"] == 0
+    else:  # nothing frozen before a trainable layer: the prefetched batch is loaded as images
+        assert "cached" in kinds[0] and kinds[0][-1] == "images"
+        assert cache.stats["reloaded_batches"] == kinds[0].count("images") >= 1
+        assert cache.stats["moved_batches"] == 0
     assert _max_diff(plain, cached) < 1e-5
 
 
@@ -212,16 +225,19 @@ def test_a_module_without_cache_inputs_is_refused_at_setup():
 
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_ddp_ranks_share_one_table_and_match_the_uncached_run(tmp_path):
+def test_ddp_ranks_share_the_tables_and_match_the_uncached_run(tmp_path):
     from tests.helpers import run_ddp_script
 
     script = Path(__file__).resolve().parent / "scripts" / "ddp_feature_cache.py"
     c0, c1 = run_ddp_script(script, tmp_path / "cache", ["cache"])
     p0, p1 = run_ddp_script(script, tmp_path / "plain", ["plain"])
-    assert c0["head"] == c1["head"] and p0["head"] == p1["head"]  # ranks identical
-    assert c0["cached"] == c1["cached"] > 0 and c0["images"] == 0  # all batches served from the table
-    for key in c0["head"]:
-        assert torch.allclose(torch.tensor(c0["head"][key]), torch.tensor(p0["head"][key]), atol=1e-5)
+    weights = {name: torch.load(tmp_path / name / "rank0.pt", weights_only=True) for name in ("cache", "plain")}
+    rank1 = torch.load(tmp_path / "cache" / "rank1.pt", weights_only=True)
+    assert all(torch.equal(rank1[k], v) for k, v in weights["cache"].items())  # ranks identical
+    # epoch 0 from the head-input table, epoch 1 (layer4 thawed) from the table of layer4's inputs
+    assert c0["cached"] == c1["cached"] > 0 and c0["prefix"] == c1["prefix"] > 0 and c0["images"] == 0
+    for key, value in weights["plain"].items():  # the whole model, layer4 and head trained
+        assert torch.allclose(weights["cache"][key].float(), value.float(), atol=1e-5), key
     assert c0["val_acc"] == pytest.approx(p0["val_acc"], abs=1e-6)
 
 

@@ -2,9 +2,10 @@
 
 Usage: ``python ddp_feature_cache.py OUT_DIR [cache|plain]``
 
-A linear probe (frozen test_resnet) for 2 epochs on 96 digits, DistributedSampler shuffling: with
-``cache`` each rank computes half of the table and the halves are gathered; the test compares the
-weights with the ``plain`` run and across ranks.
+test_resnet on 96 digits for 2 epochs, DistributedSampler shuffling: a linear probe in epoch 0, then
+``layer4`` thawed by GradualUnfreezing in epoch 1. With ``cache`` each rank computes half of each table
+(head inputs, then the inputs of layer4) and the halves are gathered; the test compares the weights
+(all of them, in ``rank{r}.pt``) with the ``plain`` run and across ranks.
 
 Lightning's DDP launcher re-executes this file for rank 1: the run lives under ``__main__``.
 """
@@ -24,17 +25,19 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from lightning_ft import FineTuneModule  # noqa: E402
 from lightning_ft.cache import FeatureBatch  # noqa: E402
-from lightning_ft.callbacks import FeatureCache  # noqa: E402
+from lightning_ft.callbacks import FeatureCache, GradualUnfreezing  # noqa: E402
 from lightning_ft.data import DigitsDataModule  # noqa: E402
 
 
 class Kinds(Callback):
     def __init__(self):
-        self.cached = self.images = 0
+        self.cached = self.prefix = self.images = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if isinstance(batch, FeatureBatch) and batch.features is not None:
+        if isinstance(batch, FeatureBatch) and batch.features is not None and batch.cut is None:
             self.cached += 1
+        elif isinstance(batch, FeatureBatch) and batch.features is not None:
+            self.prefix += 1
         else:
             self.images += 1
 
@@ -42,9 +45,10 @@ class Kinds(Callback):
 def main(out_dir: Path, mode: str) -> None:
     L.seed_everything(0)
     torch.manual_seed(0)
-    model = FineTuneModule("test_resnet", num_classes=10, in_chans=1, img_size=32, lr=1e-2, freeze_backbone=True)
+    model = FineTuneModule("test_resnet", num_classes=10, in_chans=1, img_size=32, lr=1e-2)
     kinds = Kinds()
-    callbacks = ([FeatureCache()] if mode == "cache" else []) + [kinds]
+    unfreezing = GradualUnfreezing(monitor=None, milestones={1: ["layer4.0"]}, verbose=False)
+    callbacks = [unfreezing] + ([FeatureCache()] if mode == "cache" else []) + [kinds]
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, callbacks=callbacks,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0)
@@ -53,11 +57,13 @@ def main(out_dir: Path, mode: str) -> None:
         "rank": trainer.global_rank,
         "head": {k: v.tolist() for k, v in model.head.state_dict().items()},
         "cached": kinds.cached,
+        "prefix": kinds.prefix,
         "images": kinds.images,
         "val_acc": float(trainer.callback_metrics["val/acc"]),
     }
     torch.distributed.barrier()  # both ranks are done with collectives: shut the process group down cleanly
     torch.distributed.destroy_process_group()
+    torch.save(model.state_dict(), out_dir / f"rank{trainer.global_rank}.pt")
     (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 

@@ -1,0 +1,272 @@
+"""The frozen prefix of a network: find where it ends, compute it once, run the rest from there.
+
+While gradual unfreezing has thawed only the top of a backbone, everything before the first
+trainable layer computes the same function of the input at every step. :func:`find_cut` finds the
+*cut*: the module whose input is the last point the frozen part and the trainable part share. A
+:class:`PrefixCut` then
+
+* ``capture(run, x)``: runs the model up to the cut and returns the cut module's input (the forward
+  stops there: the suffix is not computed);
+* ``inject(features)``: a context in which the model runs from the cut: the modules of the prefix
+  return placeholders instead of computing, and the cut module receives ``features``.
+
+The cut is found by tracing one forward pass (eval mode, no grad, modes restored afterwards): the
+first module, in execution order, that owns a trainable parameter or is a BatchNorm/dropout/
+drop-path layer in training mode, or else one of its enclosing modules (a residual block whose
+first conv is frozen but whose BatchNorm trains is cut at the block's input). Everything that exits
+before the cut is entered is the prefix. Models are not all chains: a skip connection that carries
+a prefix value past the cut would be lost. So every candidate is verified on a real batch -- the
+injected run must equal the full one -- and the placeholders are NaN, so any leak is loud. The
+innermost candidate that verifies is the cut; if none does, ``find_cut`` says why.
+
+torch only: no Lightning here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["PrefixCut", "changes_in_training_mode", "find_cut", "is_live"]
+
+
+def changes_in_training_mode(m: nn.Module) -> bool:
+    """BatchNorm (with running statistics), dropout and drop-path compute differently in training mode."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return bool(m.track_running_stats)
+    if isinstance(m, nn.modules.dropout._DropoutNd):
+        return m.p > 0
+    prob = getattr(m, "drop_prob", None)  # timm DropPath / DropBlock
+    return isinstance(prob, float) and prob > 0
+
+
+def is_live(m: nn.Module) -> bool:
+    """Does this module's own computation train or change from batch to batch?"""
+    if any(p.requires_grad for p in m.parameters(recurse=False)):
+        return True
+    return m.training and changes_in_training_mode(m)
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: the forward pass ends at the cut."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+
+@dataclass
+class _Call:
+    name: str
+    enter: int
+    exit: int = -1
+    shape: tuple[int, ...] | None = None  # of the output without the batch dim (None: not one tensor)
+    dtype: torch.dtype | None = None
+
+
+def _trace(root: nn.Module, run: Callable[[torch.Tensor], Any], x: torch.Tensor) -> list[_Call]:
+    calls: list[_Call] = []
+    open_calls: dict[int, list[_Call]] = {}
+    clock = [0]
+    handles = []
+
+    def tick() -> int:
+        clock[0] += 1
+        return clock[0]
+
+    for name, module in root.named_modules():
+        def pre(m: nn.Module, args: Any, name: str = name) -> None:
+            call = _Call(name, tick())
+            calls.append(call)
+            open_calls.setdefault(id(m), []).append(call)
+
+        def post(m: nn.Module, args: Any, out: Any) -> None:
+            call = open_calls[id(m)].pop()
+            call.exit = tick()
+            if isinstance(out, torch.Tensor) and out.ndim >= 1:
+                call.shape, call.dtype = tuple(out.shape[1:]), out.dtype
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        run(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+@contextlib.contextmanager
+def _eval_no_grad(root: nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in root.modules()]
+    root.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _nan(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # one element, broadcast: a placeholder costs no memory whatever its shape
+    return torch.full((), float("nan"), dtype=dtype, device=device).expand(shape)
+
+
+class PrefixCut:
+    """A verified cut of ``root``: see the module docstring. Build it with :func:`find_cut`."""
+
+    def __init__(self, root: nn.Module, name: str, skipped: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 prefix: list[str], input_shape: tuple[int, ...], input_dtype: torch.dtype) -> None:
+        modules = dict(root.named_modules())
+        self.name = name  # the cut module: its input is what the table stores
+        self.module = modules[name]
+        self.skipped = {modules[n]: spec for n, spec in skipped.items()}
+        self.prefix = prefix  # every module that runs before the cut
+        self.input_shape, self.input_dtype = input_shape, input_dtype
+        tensors: list[torch.Tensor] = []
+        for n in prefix:
+            tensors += [*modules[n].parameters(recurse=False), *modules[n].buffers(recurse=False)]
+        ancestors = [n for n in modules if n == "" or name.startswith(n + ".")]
+        for n in ancestors:  # direct tensors of enclosing modules (a ViT's pos_embed) may act in the prefix
+            tensors += [*modules[n].parameters(recurse=False), *modules[n].buffers(recurse=False)]
+        self._tensors = tensors
+        self._watched = [modules[n] for n in dict.fromkeys(prefix + ancestors)]
+
+    def __repr__(self) -> str:
+        return f"PrefixCut(before '{self.name}', {len(self.prefix)} modules cached)"
+
+    def state(self) -> tuple[tuple[int, int], ...]:
+        """Storage and version counters of the prefix's tensors: changes when a weight is written."""
+        return tuple((t.data_ptr(), t._version) for t in self._tensors)
+
+    def stale_reason(self) -> str | None:
+        """Why the prefix no longer computes a fixed function (a layer in it thawed or trains)."""
+        for m in self._watched:
+            if is_live(m):
+                return f"a layer before '{self.name}' became trainable or runs in training mode"
+        return None
+
+    def capture(self, run: Callable[[torch.Tensor], Any], x: torch.Tensor) -> torch.Tensor:
+        """The cut module's input for ``x`` (the forward pass stops at the cut)."""
+        def stop(m: nn.Module, args: tuple[Any, ...]) -> None:
+            raise _Stop(args[0])
+
+        handle = self.module.register_forward_pre_hook(stop)
+        try:
+            run(x)
+        except _Stop as s:
+            return s.value.detach()
+        finally:
+            handle.remove()
+        raise RuntimeError(f"The forward pass never reached '{self.name}'.")
+
+    def placeholder_input(self, n: int, device: torch.device) -> torch.Tensor:
+        """What to pass as the model's input while injecting ``n`` rows: only its shape is read."""
+        return _nan((n, *self.input_shape), self.input_dtype, device)
+
+    @contextlib.contextmanager
+    def inject(self, features: torch.Tensor) -> Iterator[None]:
+        """Run the model from the cut: prefix modules return placeholders, the cut module gets ``features``."""
+        n, device = features.shape[0], features.device
+        for module, (shape, dtype) in self.skipped.items():
+            placeholder = _nan((n, *shape), dtype, device)
+            module.forward = lambda *a, _p=placeholder, **k: _p  # type: ignore[method-assign]
+
+        def swap(m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            return (features, *args[1:])
+
+        handle = self.module.register_forward_pre_hook(swap)
+        try:
+            yield
+        finally:
+            handle.remove()
+            for module in self.skipped:
+                module.__dict__.pop("forward", None)
+
+
+def _outputs_equal(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and not bool(torch.isnan(a).any()) and torch.allclose(
+            a.float(), b.float(), rtol=1e-4, atol=1e-5)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b):
+        return all(_outputs_equal(u, v) for u, v in zip(a, b))
+    return False
+
+
+def find_cut(root: nn.Module, run: Callable[[torch.Tensor], Any], x: torch.Tensor) -> tuple[PrefixCut | None, str]:
+    """The cut of ``root`` for its current trainable/training state, verified on the batch ``x``.
+
+    ``run(x)`` must run ``root`` (possibly with more around it, a head say). Returns ``(cut, "")``,
+    or ``(None, why not)``: nothing in ``root`` trains, the very first computation does, or no cut
+    reproduces the full forward pass.
+    """
+    modules = dict(root.named_modules())
+    live = {n for n, m in modules.items() if is_live(m)}
+    if not live:
+        return None, "nothing in the backbone trains (cache the whole backbone's output instead)"
+    if "" in live:
+        return None, "the backbone's own parameters (an embedding, say) train: there is no frozen prefix"
+    with _eval_no_grad(root):
+        calls = _trace(root, run, x)
+        full = run(x)
+    first = min((c for c in calls if c.name in live), key=lambda c: c.enter, default=None)
+    if first is None:
+        return None, f"the trainable layers ({', '.join(sorted(live)[:3])}, ...) never run in the forward pass"
+    why = ""
+    for cut in _candidates(first, calls):  # innermost first: the longest prefix that verifies wins
+        candidate, why = _candidate(root, calls, cut, x)
+        if candidate is None:
+            continue
+        with _eval_no_grad(root):
+            features = candidate.capture(run, x)
+            with candidate.inject(features):
+                again = run(candidate.placeholder_input(len(x), x.device))
+        if _outputs_equal(again, full):
+            return candidate, ""
+        why = (f"running from '{cut.name}' with the prefix cached does not reproduce the full forward pass "
+               "(a value of the prefix reaches past it, a skip connection say)")
+    return None, why
+
+
+def _candidates(first: _Call, calls: list[_Call]) -> list[_Call]:
+    """``first`` and its enclosing calls (below the root), innermost first; of calls that share one
+    input (a module that starts with its child), the outermost only."""
+    chain = [first]
+    while chain[-1].name and "." in chain[-1].name:
+        inner = chain[-1]
+        parent = inner.name.rpartition(".")[0]
+        outer = next((c for c in calls if c.name == parent and c.enter < inner.enter and c.exit > inner.exit), None)
+        if outer is None:
+            break
+        chain.append(outer)
+    out = []
+    for i, c in enumerate(chain):
+        outer = chain[i + 1] if i + 1 < len(chain) else None
+        inside = outer.name + "." if outer is not None else None
+        starts_outer = outer is not None and not any(
+            d.name.startswith(inside) and outer.enter < d.enter < c.enter for d in calls)
+        if not starts_outer:
+            out.append(c)
+    return out
+
+
+def _candidate(root: nn.Module, calls: list[_Call], cut: _Call, x: torch.Tensor) -> tuple[PrefixCut | None, str]:
+    if sum(c.name == cut.name for c in calls) != 1:
+        return None, f"'{cut.name}', where the trainable part starts, runs more than once per forward pass"
+    before = [c for c in calls if c.exit < cut.enter]
+    if not before:
+        return None, f"'{cut.name}' is the first layer that runs: nothing before it to cache"
+    later = {c.name for c in calls if c.enter > cut.enter}
+    once = {n for n in {c.name for c in before} if n not in later and sum(c.name == n for c in calls) == 1}
+    prefix = list(dict.fromkeys(c.name for c in before))
+    skipped: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for c in sorted(before, key=lambda c: c.enter):  # parents first: skip the outermost modules only
+        covered = any(c.name.startswith(n + ".") for n in skipped)
+        if c.name in once and c.shape is not None and c.dtype is not None and not covered:
+            skipped[c.name] = (c.shape, c.dtype)
+    return PrefixCut(root, cut.name, skipped, prefix, tuple(x.shape[1:]), x.dtype), ""
