@@ -11,11 +11,15 @@ head ends where the uncached run ends, to float tolerance).
   and serves any shuffle of ``DistributedSampler``.
 * In memory on the model's device when the estimate (printed before building) fits under
   ``max_memory_gb``; otherwise memory-mapped files under ``cache_dir``, deleted at teardown.
-* Off for good the moment any backbone parameter becomes trainable or a stateful/stochastic layer
-  (BatchNorm, dropout, drop-path) of the backbone runs in training mode (a ``GradualUnfreezing``
-  transition, say): batches already fetched are re-loaded as images, nothing stale is trained on.
-  Rebuilt when the frozen weights change (``restore_best``) or the dataset does (another object,
-  length or first/last sample).
+* When layers of the backbone train (a ``GradualUnfreezing`` transition, say), the tables move to
+  the frozen prefix: they hold the input of the first trainable (or training-mode BatchNorm/
+  dropout/drop-path) layer, and each step runs the model from there
+  (:mod:`lightning_ft.prefix`: the cut is traced and verified against the full forward pass).
+  Batches fetched before the cut moved are served from the new table.
+* Off for good when nothing before a trainable layer stays frozen (or no cut verifies): batches
+  already fetched are re-loaded as images, nothing stale is trained on. Rebuilt when the frozen
+  weights change (``restore_best``) or the dataset does (another object, length or first/last
+  sample).
 * Refuses random training transforms (it loads samples twice under two seeds to find them):
   cached features would freeze one augmentation draw. ``allow_random_transforms=True`` accepts
   exactly that (one draw per sample, for all epochs), with a warning.
@@ -111,7 +115,11 @@ def _human(n: float) -> str:
 
 
 class FeatureCache(Callback):
-    """Train the head on cached outputs of the frozen backbone.
+    """Train the head (and any trainable top of the backbone) on cached outputs of the frozen part.
+
+    ``cut`` is ``None`` while the tables hold the head's inputs, else the
+    :class:`lightning_ft.prefix.PrefixCut` whose input they hold. ``stats`` counts builds, build
+    seconds, cached batches, batches moved to a new table and batches re-loaded as images.
 
     Args:
         max_memory_gb: tables above this go to memory-mapped files (default: half the free GPU memory

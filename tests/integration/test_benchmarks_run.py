@@ -28,6 +28,7 @@ BENCHMARKS = {
     "linear_probe.py": (["--quick", "--tools", "ours", "plain"], ["| 1x | ours |", "| 1x | plain |",
                                                                   "one no-grad forward pass", "hand-written PyTorch head loop"]),
     "overhead.py": (["--quick"], ["step-time ratio callbacks / plain"]),
+    "prefix_cache.py": (["--quick"], ["| 0 | head |", "| 3 | head, blocks.6.0, blocks.5.3, blocks.5.0", "final weights"]),
     "memory.py": (["--quick"], ["1 process", "DDP, 2 CPU ranks", "| 0 |"]),  # "| 0 |": the head-only row
 }
 
