@@ -139,12 +139,15 @@ class FineTuneModule(L.LightningModule):
             }
         )
         self.train_metrics = metrics.clone(prefix="train/")
-        self.train_loss = MeanMetric()  # the epoch mean of the training loss, synced across ranks
+        self.train_loss = MeanMetric()  # epoch means of the loss, synced across ranks
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
         self.val_metrics = metrics.clone(prefix="val/")
         self.val_target_metrics = metrics.clone(prefix="val_target/")  # domain adaptation: reporting only
         self.test_metrics = metrics.clone(prefix="test/")
         self._target_probs: list[torch.Tensor] = []
         self._pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._pending_loss: dict[int, list[tuple[torch.Tensor, int]]] = {}
 
     # ------------------------------------------------------------------ model
     def _make_head(self, head: str | nn.Module, head_kwargs: dict[str, Any] | None) -> nn.Module:
@@ -267,9 +270,8 @@ class FineTuneModule(L.LightningModule):
         self._update_metrics(metrics, logits.detach().float().softmax(-1), y)  # logged once, at the epoch's end
         if stage == "train":
             self._log_train_loss(loss, len(y))
-        else:
-            self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y),
-                     sync_dist=True, add_dataloader_idx=False)
+        else:  # logged once, at the epoch's end
+            self._update_loss(self.val_loss if stage == "val" else self.test_loss, loss, len(y))
         return loss
 
     def _log_train_loss(self, loss: torch.Tensor, batch_size: int) -> None:
@@ -278,7 +280,7 @@ class FineTuneModule(L.LightningModule):
         Lightning's ``self.log`` costs about a millisecond per call on CPU -- as much as a head-only
         step on cached features -- so the step value is logged only on the steps the loggers record.
         """
-        self.train_loss.update(loss.detach().float(), batch_size)
+        self._update_loss(self.train_loss, loss, batch_size)
         connector = getattr(self._trainer, "_logger_connector", None) if self._trainer is not None else None
         if connector is None or getattr(connector, "should_update_logs", True):
             self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True,
@@ -297,6 +299,27 @@ class FineTuneModule(L.LightningModule):
         if pending:
             metrics.update(torch.cat([p for p, _ in pending]), torch.cat([t for _, t in pending]))
 
+    def _update_loss(self, meter: MeanMetric, loss: torch.Tensor, batch_size: int) -> None:
+        """The batch-size-weighted epoch mean, buffered like the metrics: one update per ``METRIC_BUFFER`` steps."""
+        pending = self._pending_loss.setdefault(id(meter), [])
+        pending.append((loss.detach().float(), batch_size))
+        if len(pending) >= self.METRIC_BUFFER:
+            self._flush_loss(meter)
+
+    def _flush_loss(self, meter: MeanMetric) -> None:
+        pending = self._pending_loss.pop(id(meter), [])
+        if pending:
+            values = torch.stack([v for v, _ in pending])
+            meter.update(values, torch.tensor([n for _, n in pending], dtype=values.dtype, device=values.device))
+
+    def _epoch_loss(self, meter: MeanMetric) -> torch.Tensor | None:
+        self._flush_loss(meter)
+        if not meter.update_count:
+            return None
+        value = meter.compute()
+        meter.reset()
+        return value
+
     def _log_epoch_metrics(self, metrics: MetricCollection, prog_bar: bool) -> dict[str, torch.Tensor]:
         """Compute (synced across ranks by torchmetrics), log and reset: one log call per epoch, not per step."""
         self._flush_metrics(metrics)
@@ -308,14 +331,16 @@ class FineTuneModule(L.LightningModule):
         return values
 
     def on_train_epoch_end(self) -> None:
-        if self.train_loss.update_count:
-            value = self.train_loss.compute()
+        value = self._epoch_loss(self.train_loss)
+        if value is not None:
             self.log("train/loss_epoch", value)
             self.log("train/loss", value, logger=False)  # for monitors: callback metrics only
-            self.train_loss.reset()
         self._log_epoch_metrics(self.train_metrics, prog_bar=False)
 
     def on_test_epoch_end(self) -> None:
+        value = self._epoch_loss(self.test_loss)
+        if value is not None:
+            self.log("test/loss", value, prog_bar=True)
         self._log_epoch_metrics(self.test_metrics, prog_bar=True)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -357,6 +382,9 @@ class FineTuneModule(L.LightningModule):
         return self._shared_step(batch, self.val_metrics, "val")
 
     def on_validation_epoch_end(self) -> None:
+        value = self._epoch_loss(self.val_loss)
+        if value is not None:
+            self.log("val/loss", value, prog_bar=True)
         source = self._log_epoch_metrics(self.val_metrics, prog_bar=True)
         self._log_epoch_metrics(self.val_target_metrics, prog_bar=False)
         if not self._target_probs:

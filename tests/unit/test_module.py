@@ -3,6 +3,7 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import save_file
 from torch import nn
@@ -145,6 +146,11 @@ def test_epoch_metrics_and_loss_equal_a_direct_computation(monkeypatch):
     model.eval()
     with torch.no_grad():
         x, y = val.dataset.tensors
-        correct = (model(x).argmax(-1) == y).float().mean()
+        logits = model(x)
+        correct = (logits.argmax(-1) == y).float().mean()
     assert float(trainer.callback_metrics["val/acc"]) == pytest.approx(float(correct), abs=1e-6)
-    assert not model._pending  # nothing left behind in a buffer
+    # the validation loss: the mean over all samples (7 batches, the last one smaller), no label smoothing
+    assert float(trainer.callback_metrics["val/loss"]) == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
+    test = trainer.test(model, val, verbose=False)[0]
+    assert test["test/loss"] == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
+    assert not model._pending and not model._pending_loss  # nothing left behind in a buffer
