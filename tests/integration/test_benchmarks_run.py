@@ -26,7 +26,7 @@ BENCHMARKS = {
                                                        "full + LLRD")]),
     "adaptation.py": (["--quick"], ["| source only |", "vs source only", "| val/label_free |", "best epoch (oracle)"]),
     "linear_probe.py": (["--quick", "--tools", "ours", "plain"], ["| 1x | ours |", "| 1x | plain |",
-                                                                  "one no-grad forward pass", "hand-written PyTorch head loop"]),
+                                                                  "one no-grad forward pass", "hand-written PyTorch head loop", "Lightning floor"]),
     "overhead.py": (["--quick"], ["step-time ratio callbacks / plain"]),
     "prefix_cache.py": (["--quick"], ["| 0 | head |", "| 3 | head, blocks.6.0, blocks.5.3, blocks.5.0", "final weights"]),
     "memory.py": (["--quick"], ["1 process", "DDP, 2 CPU ranks", "| 0 |"]),  # "| 0 |": the head-only row
