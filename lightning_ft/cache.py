@@ -41,12 +41,14 @@ class FeatureBatch:
     it uses (tables on the device are there already).
     """
 
-    __slots__ = ("features", "target", "index", "images", "cut")
+    __slots__ = ("features", "target", "index", "images", "cut", "table")
 
     def __init__(self, features: torch.Tensor | None, target: torch.Tensor, index: torch.Tensor,
-                 images: torch.Tensor | None = None, cut: PrefixCut | None = None) -> None:
+                 images: torch.Tensor | None = None, cut: PrefixCut | None = None,
+                 table: FeatureTable | None = None) -> None:
         self.features, self.target, self.index, self.images = features, target, index, images
         self.cut = cut  # None: features are the head's inputs; else the input of cut.module (run from there)
+        self.table = table  # where the features came from (a rebuilt table is another object)
 
     def __len__(self) -> int:
         return len(self.target)
@@ -77,7 +79,7 @@ class FeatureTable:
             rows = self.features[idx.to(self.features.device)]
         else:  # memmap: read the rows, hand a CPU tensor to Lightning's device transfer
             rows = torch.from_numpy(np.ascontiguousarray(self.features[idx.numpy()])).to(self.dtype)
-        return FeatureBatch(rows, self.labels[idx.to(self.labels.device)], idx, cut=self.cut)
+        return FeatureBatch(rows, self.labels[idx.to(self.labels.device)], idx, cut=self.cut, table=self)
 
     def close(self) -> None:
         if self.path is not None:
@@ -87,21 +89,26 @@ class FeatureTable:
 
 
 class _CachedIterator:
-    """Yields ``table.batch(indices)`` for the index batches of ``loader``'s sampler."""
+    """Yields ``serve(indices)`` for the index batches of ``loader``'s sampler.
 
-    def __init__(self, loader: DataLoader, table: FeatureTable) -> None:
+    ``serve`` is looked up at every batch, not bound to one table: a table rebuilt or dropped in the
+    middle of an epoch is never read after that.
+    """
+
+    def __init__(self, loader: DataLoader, serve: Callable[[list[int]], FeatureBatch]) -> None:
         # the same draws from the same generators as torch's _BaseDataLoaderIter.__init__, in the same
         # order: the sampler iterator (lazy) and then one int64 for the worker base seed
         self._sampler_iter = iter(loader._index_sampler)
         torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
-        self._table = table
+        self._serve = serve
         self._length = len(loader)
 
     @classmethod
-    def continuing(cls, sampler_iter: Iterator[Any], table: FeatureTable, length: int) -> _CachedIterator:
+    def continuing(cls, sampler_iter: Iterator[Any], serve: Callable[[list[int]], FeatureBatch],
+                   length: int) -> _CachedIterator:
         """Serve the remaining index batches of an iterator that already started (no new random draws)."""
         it = cls.__new__(cls)
-        it._sampler_iter, it._table, it._length = sampler_iter, table, length
+        it._sampler_iter, it._serve, it._length = sampler_iter, serve, length
         return it
 
     def __iter__(self) -> _CachedIterator:
@@ -111,12 +118,14 @@ class _CachedIterator:
         return self._length
 
     def __next__(self) -> FeatureBatch:
-        return self._table.batch(next(self._sampler_iter))
+        return self._serve(next(self._sampler_iter))
 
 
-def cached_iterator(loader: DataLoader, table: FeatureTable) -> Iterator[FeatureBatch]:
-    """An iterator over ``loader``'s batches, served from ``table`` (no images loaded, no workers)."""
-    return _CachedIterator(loader, table)
+def cached_iterator(loader: DataLoader, source: FeatureTable | Callable[[list[int]], FeatureBatch]
+                    ) -> Iterator[FeatureBatch]:
+    """An iterator over ``loader``'s batches, served from a table (or a function of the index batch):
+    no images loaded, no workers."""
+    return _CachedIterator(loader, source.batch if isinstance(source, FeatureTable) else source)
 
 
 def check_cacheable(loader: DataLoader, what: str) -> None:

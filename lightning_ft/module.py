@@ -139,9 +139,11 @@ class FineTuneModule(L.LightningModule):
             }
         )
         self.train_metrics = metrics.clone(prefix="train/")
-        self.train_loss = MeanMetric()  # epoch means of the loss, synced across ranks
-        self.val_loss = MeanMetric()
-        self.test_loss = MeanMetric()
+        # epoch means of the loss, synced across ranks. A NaN loss must stay NaN: the default drops it,
+        # and "disable" ignores the weights (torchmetrics 1.9), so NaN is "replaced" by NaN
+        self.train_loss = MeanMetric(nan_strategy=float("nan"))
+        self.val_loss = MeanMetric(nan_strategy=float("nan"))
+        self.test_loss = MeanMetric(nan_strategy=float("nan"))
         self.val_metrics = metrics.clone(prefix="val/")
         self.val_target_metrics = metrics.clone(prefix="val_target/")  # domain adaptation: reporting only
         self.test_metrics = metrics.clone(prefix="test/")

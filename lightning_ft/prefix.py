@@ -52,8 +52,9 @@ def is_live(m: nn.Module) -> bool:
     return m.training and changes_in_training_mode(m)
 
 
-class _Stop(Exception):
-    """Raised by the capture hook: the forward pass ends at the cut."""
+class _Stop(BaseException):
+    """Raised by the capture hook: the forward pass ends at the cut (a BaseException, so that a model's
+    own ``except Exception`` cannot swallow it)."""
 
     def __init__(self, value: torch.Tensor) -> None:
         super().__init__()
@@ -65,8 +66,9 @@ class _Call:
     name: str
     enter: int
     exit: int = -1
-    shape: tuple[int, ...] | None = None  # of the output without the batch dim (None: not one tensor)
+    shape: tuple[int, ...] | None = None  # of the output without the batch dim (None: not one float tensor)
     dtype: torch.dtype | None = None
+    tensor_input: bool = False  # called with a tensor as its first positional argument
 
 
 def _trace(root: nn.Module, run: Callable[[torch.Tensor], Any], x: torch.Tensor) -> list[_Call]:
@@ -81,14 +83,14 @@ def _trace(root: nn.Module, run: Callable[[torch.Tensor], Any], x: torch.Tensor)
 
     for name, module in root.named_modules():
         def pre(m: nn.Module, args: Any, name: str = name) -> None:
-            call = _Call(name, tick())
+            call = _Call(name, tick(), tensor_input=bool(args) and isinstance(args[0], torch.Tensor))
             calls.append(call)
             open_calls.setdefault(id(m), []).append(call)
 
         def post(m: nn.Module, args: Any, out: Any) -> None:
             call = open_calls[id(m)].pop()
             call.exit = tick()
-            if isinstance(out, torch.Tensor) and out.ndim >= 1:
+            if isinstance(out, torch.Tensor) and out.ndim >= 1 and out.is_floating_point():
                 call.shape, call.dtype = tuple(out.shape[1:]), out.dtype
 
         handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
@@ -128,14 +130,13 @@ class PrefixCut:
         self.skipped = {modules[n]: spec for n, spec in skipped.items()}
         self.prefix = prefix  # every module that runs before the cut
         self.input_shape, self.input_dtype = input_shape, input_dtype
-        tensors: list[torch.Tensor] = []
-        for n in prefix:
-            tensors += [*modules[n].parameters(recurse=False), *modules[n].buffers(recurse=False)]
-        ancestors = [n for n in modules if n == "" or name.startswith(n + ".")]
-        for n in ancestors:  # direct tensors of enclosing modules (a ViT's pos_embed) may act in the prefix
-            tensors += [*modules[n].parameters(recurse=False), *modules[n].buffers(recurse=False)]
-        self._tensors = tensors
-        self._watched = [modules[n] for n in dict.fromkeys(prefix + ancestors)]
+        tensors: dict[int, torch.Tensor] = {}
+        for n in prefix:  # recursively: a prefix module's uncalled children may act through it
+            tensors.update({id(t): t for t in [*modules[n].parameters(), *modules[n].buffers()]})
+        for n in [n for n in modules if n == "" or name.startswith(n + ".")]:
+            # direct tensors of enclosing modules (a ViT's pos_embed) may act in the prefix
+            tensors.update({id(t): t for t in [*modules[n].parameters(recurse=False), *modules[n].buffers(recurse=False)]})
+        self._tensors = list(tensors.values())
 
     def __repr__(self) -> str:
         return f"PrefixCut(before '{self.name}', {len(self.prefix)} modules cached)"
@@ -143,13 +144,6 @@ class PrefixCut:
     def state(self) -> tuple[tuple[int, int], ...]:
         """Storage and version counters of the prefix's tensors: changes when a weight is written."""
         return tuple((t.data_ptr(), t._version) for t in self._tensors)
-
-    def stale_reason(self) -> str | None:
-        """Why the prefix no longer computes a fixed function (a layer in it thawed or trains)."""
-        for m in self._watched:
-            if is_live(m):
-                return f"a layer before '{self.name}' became trainable or runs in training mode"
-        return None
 
     def capture(self, run: Callable[[torch.Tensor], Any], x: torch.Tensor) -> torch.Tensor:
         """The cut module's input for ``x`` (the forward pass stops at the cut)."""
@@ -173,20 +167,25 @@ class PrefixCut:
     def inject(self, features: torch.Tensor) -> Iterator[None]:
         """Run the model from the cut: prefix modules return placeholders, the cut module gets ``features``."""
         n, device = features.shape[0], features.device
-        for module, (shape, dtype) in self.skipped.items():
-            placeholder = _nan((n, *shape), dtype, device)
-            module.forward = lambda *a, _p=placeholder, **k: _p  # type: ignore[method-assign]
 
         def swap(m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
             return (features, *args[1:])
 
+        saved = []
         handle = self.module.register_forward_pre_hook(swap)
         try:
+            for module, (shape, dtype) in self.skipped.items():
+                saved.append((module, module.__dict__.get("forward")))
+                placeholder = _nan((n, *shape), dtype, device)
+                module.forward = lambda *a, _p=placeholder, **k: _p  # type: ignore[method-assign]
             yield
         finally:
             handle.remove()
-            for module in self.skipped:
-                module.__dict__.pop("forward", None)
+            for module, own in saved:  # restore exactly: an instance-level forward set by someone else stays
+                if own is None:
+                    module.__dict__.pop("forward", None)
+                else:
+                    module.forward = own
 
 
 def _outputs_equal(a: Any, b: Any) -> bool:
@@ -201,19 +200,31 @@ def _outputs_equal(a: Any, b: Any) -> bool:
 def find_cut(root: nn.Module, run: Callable[[torch.Tensor], Any], x: torch.Tensor) -> tuple[PrefixCut | None, str]:
     """The cut of ``root`` for its current trainable/training state, verified on the batch ``x``.
 
-    ``run(x)`` must run ``root`` (possibly with more around it, a head say). Returns ``(cut, "")``,
-    or ``(None, why not)``: nothing in ``root`` trains, the very first computation does, or no cut
-    reproduces the full forward pass.
+    ``run(x)`` must run ``root`` (possibly with more around it, a head say). ``x`` should hold at
+    least 3 samples: the trace runs on all but the last, the verification on all, so that a layer
+    whose output is not batch-first is caught. Returns ``(cut, "")``, or ``(None, why not)``:
+    nothing in ``root`` trains, the very first computation does, or no cut reproduces the full
+    forward pass (in eval mode), or the prefix is random in the current (training) mode.
     """
     modules = dict(root.named_modules())
+    if any(getattr(m, "grad_checkpointing", False) for m in modules.values()):
+        return None, "gradient checkpointing is on: it re-runs the forward pass during backward, past any cut"
     live = {n for n, m in modules.items() if is_live(m)}
     if not live:
         return None, "nothing in the backbone trains (cache the whole backbone's output instead)"
     if "" in live:
         return None, "the backbone's own parameters (an embedding, say) train: there is no frozen prefix"
     with _eval_no_grad(root):
-        calls = _trace(root, run, x)
+        calls = _trace(root, run, x[:-1] if len(x) > 1 else x)
         full = run(x)
+    called = {c.name for c in calls}
+    for name in [n for n in live if n not in called]:
+        # a live module that never runs as a module (attention dropout applied functionally, say)
+        # acts through its nearest enclosing module that does
+        while name and name not in called:
+            name = name.rpartition(".")[0]
+        if name:
+            live.add(name)
     first = min((c for c in calls if c.name in live), key=lambda c: c.enter, default=None)
     if first is None:
         return None, f"the trainable layers ({', '.join(sorted(live)[:3])}, ...) never run in the forward pass"
@@ -222,15 +233,32 @@ def find_cut(root: nn.Module, run: Callable[[torch.Tensor], Any], x: torch.Tenso
         candidate, why = _candidate(root, calls, cut, x)
         if candidate is None:
             continue
-        with _eval_no_grad(root):
-            features = candidate.capture(run, x)
-            with candidate.inject(features):
-                again = run(candidate.placeholder_input(len(x), x.device))
-        if _outputs_equal(again, full):
-            return candidate, ""
-        why = (f"running from '{cut.name}' with the prefix cached does not reproduce the full forward pass "
-               "(a value of the prefix reaches past it, a skip connection say)")
+        try:
+            with _eval_no_grad(root):
+                features = candidate.capture(run, x)
+                with candidate.inject(features):
+                    again = run(candidate.placeholder_input(len(x), x.device))
+            same = _outputs_equal(again, full)
+        except Exception as error:  # an in-place op on a placeholder, a shape that is not batch-first, ...
+            why = f"running from '{cut.name}' with the prefix cached failed ({type(error).__name__}: {error})"
+            continue
+        if not same:
+            why = (f"running from '{cut.name}' with the prefix cached does not reproduce the full forward pass "
+                   "(a value of the prefix reaches past it, a skip connection say)")
+            continue
+        if not _deterministic(candidate, run, x):
+            why = (f"the frozen layers before '{cut.name}' are random in training mode (dropout or drop-path left "
+                   "in training mode): put them in eval mode to cache them")
+            continue
+        return candidate, ""
     return None, why
+
+
+def _deterministic(cut: PrefixCut, run: Callable[[torch.Tensor], Any], x: torch.Tensor) -> bool:
+    """Two captures in the model's current modes agree (the random state is restored afterwards)."""
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        return torch.equal(cut.capture(run, x), cut.capture(run, x))
 
 
 def _candidates(first: _Call, calls: list[_Call]) -> list[_Call]:
@@ -256,6 +284,8 @@ def _candidates(first: _Call, calls: list[_Call]) -> list[_Call]:
 
 
 def _candidate(root: nn.Module, calls: list[_Call], cut: _Call, x: torch.Tensor) -> tuple[PrefixCut | None, str]:
+    if not cut.tensor_input:
+        return None, f"'{cut.name}', where the trainable part starts, takes no tensor as its first argument"
     if sum(c.name == cut.name for c in calls) != 1:
         return None, f"'{cut.name}', where the trainable part starts, runs more than once per forward pass"
     before = [c for c in calls if c.exit < cut.enter]

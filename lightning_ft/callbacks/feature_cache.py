@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -94,6 +95,10 @@ class _Watch:
     def signature(self) -> tuple[tuple[bool, ...], tuple[bool, ...]]:
         """What decides the cut: which parameters train, which stateful layers run in training mode."""
         return self.grads(), tuple(m.training for _, m in self.stateful)
+
+
+class _NoRoom(ValueError):
+    """The memory-mapped tables would not fit on the disk."""
 
 
 def _default_limit_bytes(device: torch.device) -> int:
@@ -203,9 +208,12 @@ class FeatureCache(Callback):
             return None, ""
         loader = self._train_loader
         assert loader is not None
-        x, _ = fetch_inputs(loader.dataset, list(range(min(2, len(loader.dataset)))), loader.collate_fn)
-        with self._trainer.precision_plugin.forward_context():
-            cut, why = find_cut(self._module.backbone, self._module.cache_inputs, x.to(self._module.device))
+        x, _ = fetch_inputs(loader.dataset, list(range(min(3, len(loader.dataset)))), loader.collate_fn)
+        try:
+            with torch.inference_mode(False), self._trainer.precision_plugin.forward_context():
+                cut, why = find_cut(self._module.backbone, self._module.cache_inputs, x.to(self._module.device))
+        except Exception as error:  # a model find_cut cannot trace: train uncached rather than fail mid-run
+            return None, f"{reason}, and tracing the backbone for its frozen prefix failed ({type(error).__name__}: {error})"
         return cut, "" if cut is not None else f"{reason}, and {why}"
 
     def _weights_state(self) -> tuple[tuple[int, int], ...]:
@@ -267,6 +275,9 @@ class FeatureCache(Callback):
                  for (_, loader, _), (s, d) in zip(todo, shapes)]
         limit = int(self.max_memory_gb * (1 << 30)) if self.max_memory_gb is not None else _default_limit_bytes(device)
         on_disk = sum(sizes) > limit
+        if on_disk:
+            self._check_disk(trainer, [len(loader.dataset) * math.prod(s) * (2 if d == torch.float16 else 4)
+                                       for (_, loader, _), (s, d) in zip(todo, shapes)])
         where = (f"memory-mapped under {self._dir(trainer)}" if on_disk else f"in memory on {device}")
         parts = ", ".join(f"{split}: {len(loader.dataset):,} x {s} {str(d).replace('torch.', '')} = {_human(b)}"
                           for (split, loader, _), (s, d), b in zip(todo, shapes, sizes))
@@ -277,6 +288,17 @@ class FeatureCache(Callback):
             self.tables[key] = self._build(trainer, pl_module, loader, split, shape, dtype, on_disk)
         self.stats["build_seconds"] += time.perf_counter() - start
 
+    def _check_disk(self, trainer: L.Trainer, sizes: list[int]) -> None:
+        folder = self._dir(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+        if not trainer.strategy.reduce_boolean_decision(sum(sizes) <= free, all=True):
+            raise _NoRoom(
+                f"FeatureCache: the tables need {_human(sum(sizes))} on disk under {folder}, which has "
+                f"{_human(free)} free. Point cache_dir at a larger disk, raise max_memory_gb to keep them in "
+                "memory, or drop FeatureCache."
+            )
+
     def _compute(self, pl_module: L.LightningModule, x: torch.Tensor) -> torch.Tensor:
         if self.cut is None:
             return pl_module.cache_inputs(x)
@@ -285,6 +307,7 @@ class FeatureCache(Callback):
     def _dir(self, trainer: L.Trainer) -> Path:
         return self.cache_dir or Path(trainer.default_root_dir) / "feature_cache"
 
+    @torch.inference_mode(False)  # a rebuild may start inside Lightning's evaluation loop: real tensors
     @torch.no_grad()
     def _build(self, trainer: L.Trainer, pl_module: L.LightningModule, loader: DataLoader, split: str,
                shape: tuple[int, ...], dtype: torch.dtype, on_disk: bool) -> FeatureTable:
@@ -346,30 +369,38 @@ class FeatureCache(Callback):
             self._signature = signature
             cut, why = self._choose_cut()
             if why:
-                self.active = False
-                self._drop_tables()
-                rank_zero_info(f"FeatureCache off from epoch {self._trainer.current_epoch}: {why}. "
-                               "Training runs through the whole model from here on.")
+                self._switch_off(why)
                 return False
             if (cut.name if cut else None) != (self.cut.name if self.cut else None):
                 where = "head inputs" if cut is None else f"input of '{cut.name}'"
                 rank_zero_info(f"FeatureCache: the trainable part changed; caching the {where} from here on.")
                 self.cut = cut
-                self._rebuild()
-                return True
+                return self._rebuild()
         state = self._weights_state()
         stale_data = any(sample_fingerprint(dl.dataset) != self._keys.get(i) for i, (dl, _) in self._patched.items())
         if state != self._state or stale_data:
             why = "the frozen weights changed" if state != self._state else "the data changed"
             rank_zero_info(f"FeatureCache: {why}; rebuilding the tables.")
-            self._rebuild()
+            return self._rebuild()
         return True
 
-    def _rebuild(self) -> None:
+    def _rebuild(self) -> bool:
         assert self._trainer is not None and self._module is not None
         self._drop_tables()
         self._state = self._weights_state()
-        self._estimate_and_build(self._trainer, self._module, [(s, dl) for dl, s in self._patched.values()])
+        try:
+            self._estimate_and_build(self._trainer, self._module, [(s, dl) for dl, s in self._patched.values()])
+        except _NoRoom as error:  # mid-run: train uncached rather than stop
+            self._switch_off(str(error))
+            return False
+        return True
+
+    def _switch_off(self, why: str) -> None:
+        assert self._trainer is not None
+        self.active = False
+        self._drop_tables()
+        rank_zero_info(f"FeatureCache off from epoch {self._trainer.current_epoch}: {why}. "
+                       "Training runs through the whole model from here on.")
 
     def _patch(self, loader: DataLoader, split: str) -> None:
         if id(loader) in self._patched:
@@ -377,12 +408,28 @@ class FeatureCache(Callback):
         original = loader._get_iterator
 
         def _get_iterator() -> Any:
-            if self._usable(training=split == "train"):
-                return cached_iterator(loader, self.tables[self._keys[id(loader)]])
+            training = self._trainer is not None and self._trainer.training  # not validation, even on a shared loader
+            if self._usable(training=training):
+                return cached_iterator(loader, self._server(loader))
             return original()
 
         loader._get_iterator = _get_iterator  # type: ignore[method-assign]
         self._patched[id(loader)] = (loader, split)
+
+    def _table(self, loader: DataLoader) -> FeatureTable | None:
+        return self.tables.get(self._keys.get(id(loader))) if self.active else None  # type: ignore[arg-type]
+
+    def _server(self, loader: DataLoader) -> Any:
+        """What a cached iterator calls per index batch: rows of the current table, or -- the cache went
+        off during the epoch -- the samples loaded as the loader would."""
+        def serve(index: list[int]) -> FeatureBatch:
+            table = self._table(loader)
+            if table is not None:
+                return table.batch(index)
+            x, y = fetch_inputs(loader.dataset, list(index), loader.collate_fn)
+            return FeatureBatch(None, torch.as_tensor(y), torch.as_tensor(index), images=x)
+
+        return serve
 
     def _take_over_live_iterators(self, trainer: L.Trainer) -> None:
         """The first epoch's iterator exists already (Lightning prefetches): serve its remaining batches."""
@@ -396,8 +443,8 @@ class FeatureCache(Callback):
             sampler_iter = getattr(live, "_sampler_iter", None)
             if type(live).__name__ != "_SingleProcessDataLoaderIter" or sampler_iter is None:
                 continue  # worker processes hold prefetched indices: this epoch stays uncached
-            table = self.tables[self._keys[id(self._train_loader)]]
-            iterators[i] = _CachedIterator.continuing(sampler_iter, table, len(self._train_loader))
+            iterators[i] = _CachedIterator.continuing(sampler_iter, self._server(self._train_loader),
+                                                      len(self._train_loader))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._dirty = True  # a callback may thaw layers here: check before the next training batch
@@ -408,19 +455,20 @@ class FeatureCache(Callback):
             self._usable()
         if not isinstance(batch, FeatureBatch) or batch.features is None:
             return
-        if self.active and batch.cut is self.cut:
-            self.stats["cached_batches"] += 1
-            return
         loader = self._train_loader
         assert loader is not None
-        if self.active:  # fetched before the cut moved: the same rows of the new table
-            fresh = self.tables[self._keys[id(loader)]].batch(batch.index)
-            batch.features, batch.cut = fresh.features, fresh.cut
+        current = self._table(loader)
+        if current is not None and batch.table is current:
+            self.stats["cached_batches"] += 1
+            return
+        if current is not None:  # fetched before the table was rebuilt (the cut moved): the same rows of the new one
+            fresh = current.batch(batch.index)
+            batch.features, batch.cut, batch.table = fresh.features, fresh.cut, fresh.table
             self.stats["moved_batches"] += 1
             return
         # fetched from the cache before it went off: load the images of these samples instead
         x, _ = fetch_inputs(loader.dataset, batch.index.tolist(), loader.collate_fn)
-        batch.images, batch.features, batch.cut = x.to(pl_module.device), None, None
+        batch.images, batch.features, batch.cut, batch.table = x.to(pl_module.device), None, None, None
         self.stats["reloaded_batches"] += 1
 
     # ---------------------------------------------------------------- cleanup

@@ -104,17 +104,22 @@ def test_thawing_moves_the_cut_then_switches_the_cache_off_and_matches_the_uncac
     def unfreezing():
         return GradualUnfreezing(monitor=None, milestones={1: ["layer4.0"], 2: ["layer3.0"], 3: "all"}, verbose=False)
 
-    plain, _, _ = _fit(None, epochs=4, model=_model(), callbacks=[unfreezing()], precision=precision)
+    plain, plain_trainer, _ = _fit(None, epochs=4, model=_model(), callbacks=[unfreezing()], precision=precision)
     cache = FeatureCache()
-    cached, _, kinds = _fit(cache, epochs=4, model=_model(), callbacks=[unfreezing()], precision=precision)
+    cached, cached_trainer, kinds = _fit(cache, epochs=4, model=_model(), callbacks=[unfreezing()],
+                                         precision=precision)
     assert [set(kinds[e]) for e in range(4)] == [{"cached"}, {"prefix:layer4"}, {"prefix:layer3"}, {"images"}]
     assert cache.stats["builds"] == 6  # train + val: head inputs, then the inputs of layer4, then of layer3
+    for key in ("val/acc", "val/loss", "train/loss_epoch"):  # validation and logging ran from the tables too
+        assert float(cached_trainer.callback_metrics[key]) == pytest.approx(
+            float(plain_trainer.callback_metrics[key]), abs=1e-5 if precision == "32-true" else 1e-2), key
     # the whole model, thawed layers included: the suffix trained on the cached prefix as on the images
     assert _max_diff(plain, cached) < (1e-5 if precision == "32-true" else 1e-3)
 
 
+@pytest.mark.parametrize("on_disk", [False, True], ids=["in_memory", "memmap"])
 @pytest.mark.parametrize("thaw, expect", [("layer4", "moved"), ("all", "reloaded")])
-def test_a_thaw_at_a_mid_epoch_validation_serves_the_prefetched_batch_right(thaw, expect):
+def test_a_thaw_at_a_mid_epoch_validation_serves_the_prefetched_batch_right(thaw, expect, on_disk, tmp_path):
     class ThawMidEpoch(Callback):  # thaws at the first mid-epoch validation, after the next batch was prefetched
         def on_validation_end(self, trainer, pl_module):
             if trainer.current_epoch == 0 and not trainer.sanity_checking:
@@ -126,19 +131,43 @@ def test_a_thaw_at_a_mid_epoch_validation_serves_the_prefetched_batch_right(thaw
 
     plain, _, _ = _fit(None, epochs=1, model=_model(freeze_backbone=False), callbacks=callbacks(),
                        val_check_interval=0.5)
-    cache = FeatureCache()
+    cache = FeatureCache(max_memory_gb=0, cache_dir=tmp_path) if on_disk else FeatureCache()
     cached, _, kinds = _fit(cache, epochs=1, model=_model(freeze_backbone=False), callbacks=callbacks(),
                             val_check_interval=0.5)
     if expect == "moved":  # the prefetched batch is served from the new table (inputs of layer4)
         assert kinds[0][0] == "cached" and kinds[0][-1] == "prefix:layer4"
-        # the rest of the epoch comes from the iterator made before the thaw: each batch moves to the new table
-        assert cache.stats["moved_batches"] == kinds[0].count("prefix:layer4") >= 1
-        assert cache.stats["reloaded_batches"] == 0
+        # the one batch fetched before the thaw moves to the new table; the rest are read from it
+        assert kinds[0].count("prefix:layer4") > 1
+        assert cache.stats["moved_batches"] == 1 and cache.stats["reloaded_batches"] == 0
     else:  # nothing frozen before a trainable layer: the prefetched batch is loaded as images
         assert "cached" in kinds[0] and kinds[0][-1] == "images"
-        assert cache.stats["reloaded_batches"] == kinds[0].count("images") >= 1
-        assert cache.stats["moved_batches"] == 0
+        # the batch fetched before the thaw is re-loaded; the rest of the epoch is loaded as images
+        assert kinds[0].count("images") > 1
+        assert cache.stats["reloaded_batches"] == 1 and cache.stats["moved_batches"] == 0
     assert _max_diff(plain, cached) < 1e-5
+
+
+def test_frozen_weights_changed_mid_epoch_rebuild_the_tables_and_move_the_prefetched_batch():
+    class NudgeMidEpoch(Callback):  # at the first mid-epoch validation, after the next batch was prefetched
+        def on_validation_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0 and not trainer.sanity_checking:
+                with torch.no_grad():
+                    pl_module.backbone.layer4[0].conv1.weight.mul_(1.5)
+
+    plain, _, _ = _fit(None, epochs=1, callbacks=[NudgeMidEpoch()], val_check_interval=0.5)
+    cache = FeatureCache()
+    cached, _, kinds = _fit(cache, epochs=1, callbacks=[NudgeMidEpoch()], val_check_interval=0.5)
+    assert set(kinds[0]) == {"cached"} and cache.stats["builds"] == 4
+    assert cache.stats["moved_batches"] == 1  # the prefetched batch held rows of the old table
+    assert _max_diff(plain, cached) < 1e-5
+
+
+def test_tables_that_do_not_fit_on_disk_are_refused_before_training(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 1000))
+    with pytest.raises(ValueError, match=r"need .* on disk under .* which has 1000.0 B free. Point cache_dir"):
+        _fit(FeatureCache(max_memory_gb=0, cache_dir=tmp_path), epochs=1)
 
 
 def test_changed_frozen_weights_rebuild_the_tables():

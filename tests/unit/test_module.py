@@ -154,3 +154,11 @@ def test_epoch_metrics_and_loss_equal_a_direct_computation(monkeypatch):
     test = trainer.test(model, val, verbose=False)[0]
     assert test["test/loss"] == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
     assert not model._pending and not model._pending_loss  # nothing left behind in a buffer
+
+
+def test_a_nan_loss_reaches_the_epoch_value():
+    """torchmetrics' MeanMetric drops NaN by default: a diverged run must log NaN, not a finite mean."""
+    model = FineTuneModule("test_resnet", num_classes=3, in_chans=3, img_size=32)
+    model._update_loss(model.val_loss, torch.tensor(float("nan")), 4)
+    model._update_loss(model.val_loss, torch.tensor(1.0), 4)
+    assert torch.isnan(model._epoch_loss(model.val_loss))

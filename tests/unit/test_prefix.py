@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightning_ft.prefix import find_cut
@@ -22,9 +23,9 @@ def _timm(name: str, thaw: str, **kwargs) -> nn.Module:
 
 CASES = [  # model, first thawed group, input, the expected cut, the expected outermost skipped modules
     ("test_resnet", "layer4.0", (3, 3, 32, 32), "layer4", ["conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3"]),
-    ("resnet18", "layer3.1", (2, 3, 32, 32), "layer3.1", ["conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3.0"]),
-    ("test_vit", "blocks.1", (2, 3, 32, 32), "blocks.1", ["patch_embed", "pos_drop", "patch_drop", "norm_pre", "blocks.0"]),
-    ("tf_efficientnet_lite0", "blocks.6", (2, 3, 32, 32), "blocks.6",
+    ("resnet18", "layer3.1", (3, 3, 32, 32), "layer3.1", ["conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3.0"]),
+    ("test_vit", "blocks.1", (3, 3, 32, 32), "blocks.1", ["patch_embed", "pos_drop", "patch_drop", "norm_pre", "blocks.0"]),
+    ("tf_efficientnet_lite0", "blocks.6", (3, 3, 32, 32), "blocks.6",
      ["conv_stem", "bn1", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "blocks.4", "blocks.5"]),
 ]
 
@@ -69,25 +70,77 @@ def test_capture_stops_at_the_cut_and_placeholders_take_no_memory():
 def test_a_training_mode_batchnorm_in_the_prefix_moves_the_cut_before_it():
     model = _timm("test_resnet", "layer4.0")
     model.layer2[0].bn1.train()  # a frozen BatchNorm left in training mode still changes its output
-    cut, why = find_cut(model, model.forward_features, torch.randn(2, 3, 32, 32))
+    cut, why = find_cut(model, model.forward_features, torch.randn(3, 3, 32, 32))
     assert cut is not None, why
     assert cut.name == "layer2"
     assert model.layer2[0].bn1.training and not model.layer1.training  # modes restored after tracing
 
 
-def test_the_prefix_goes_stale_when_a_layer_in_it_thaws_or_trains():
+def test_the_prefix_state_sees_a_written_weight():
     model = _timm("test_resnet", "layer4.0")
-    cut, _ = find_cut(model, model.forward_features, torch.randn(2, 3, 32, 32))
-    assert cut.stale_reason() is None
-    model.layer3.train()
-    assert "before 'layer4'" in cut.stale_reason()
-    model.layer3.eval()
-    model.layer1[0].conv1.weight.requires_grad_(True)
-    assert cut.stale_reason() is not None
+    cut, _ = find_cut(model, model.forward_features, torch.randn(3, 3, 32, 32))
     before = cut.state()
     with torch.no_grad():
         model.layer2[0].conv1.weight.mul_(2)
-    assert cut.state() != before  # a written prefix weight is seen
+    after = cut.state()
+    assert after != before
+    with torch.no_grad():
+        model.layer4[0].conv1.weight.mul_(2)  # after the cut: not the table's business
+    assert cut.state() == after
+
+
+def test_dropout_applied_without_calling_its_module_moves_the_cut_before_it():
+    # timm's fused attention applies attn_drop.p itself when training: the module never runs
+    model = _timm("test_vit", "blocks.1", img_size=32, attn_drop_rate=0.5).train()
+    x = torch.randn(3, 3, 32, 32)
+    cut, why = find_cut(model, model.forward_features, x)
+    assert cut is not None, why
+    assert cut.name == "blocks"  # before the first block, whose attention drops at random
+    torch.testing.assert_close(cut.capture(model.forward_features, x), cut.capture(model.forward_features, x))
+
+
+class _Noisy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(self.lin(x), 0.5, self.training)  # random in training mode, no dropout module
+
+
+def test_a_prefix_that_is_random_in_training_mode_is_refused_and_the_random_state_kept():
+    model = nn.Sequential(_Noisy(), nn.Linear(4, 4)).train()
+    model[0].requires_grad_(False)
+    x = torch.randn(3, 4)
+    state = torch.get_rng_state()
+    cut, why = find_cut(model, model, x)
+    assert cut is None and "random in training mode" in why
+    assert torch.equal(torch.get_rng_state(), state)  # checking drew nothing from the global stream
+
+
+def test_gradient_checkpointing_is_refused():
+    model = _timm("test_vit", "blocks.1", img_size=32)
+    model.set_grad_checkpointing(True)  # would re-run the prefix in backward, outside the injection
+    cut, why = find_cut(model, model.forward_features, torch.randn(3, 3, 32, 32))
+    assert cut is None and "gradient checkpointing" in why
+
+
+def test_a_candidate_that_fails_on_placeholders_falls_back_to_the_enclosing_block():
+    from torchvision.models import resnet18
+
+    model = resnet18().eval()
+    model.requires_grad_(False)
+    for name, p in model.named_parameters():  # from layer3.0.conv2 up: layer3.0's shared in-place ReLU runs twice
+        if name.startswith(("layer3.0.conv2", "layer3.0.bn2", "layer3.1", "layer4", "fc")):
+            p.requires_grad_(True)
+    x = torch.randn(3, 3, 32, 32)
+    cut, why = find_cut(model, model, x)
+    assert cut is not None, why
+    assert cut.name == "layer3"
+    with cut.inject(cut.capture(model, x)):
+        again = model(cut.placeholder_input(3, x.device))
+    torch.testing.assert_close(again, model(x))
+    assert "forward" not in model.layer2.__dict__  # placeholders removed after the context
 
 
 class _LongSkip(nn.Module):
