@@ -197,6 +197,25 @@ def test_resumed_cached_run_equals_the_resumed_uncached_run(tmp_path):
     assert _max_diff(*results) < 1e-5
 
 
+def test_a_run_resumed_in_a_prefix_phase_serves_the_prefix_and_equals_the_uncached_resume(tmp_path):
+    def unfreezing():
+        return GradualUnfreezing(monitor=None, milestones={1: ["layer4.0"], 3: ["layer3.0"]}, verbose=False)
+
+    results, kinds = [], []
+    for cached in (False, True):
+        ckpt = ModelCheckpoint(dirpath=tmp_path / str(cached), save_last=True)
+        _fit(FeatureCache() if cached else None, epochs=2, model=_model(), callbacks=[unfreezing(), ckpt],
+             enable_checkpointing=True)  # stops after epoch 1: layer4 thawed
+        L.seed_everything(1)
+        model, record = _model(), BatchKinds()
+        cbs = [unfreezing(), *([FeatureCache()] if cached else []), record]
+        fast_trainer(max_epochs=4, callbacks=cbs).fit(model, datamodule=_data(), ckpt_path=ckpt.last_model_path)
+        results.append(model)
+        kinds.append(record.kinds)
+    assert [set(kinds[1][e]) for e in (2, 3)] == [{"prefix:layer4"}, {"prefix:layer3"}]
+    assert _max_diff(*results) < 1e-5
+
+
 class Noisy(Dataset):
     """Random augmentation: noise drawn on every load."""
 
