@@ -148,8 +148,7 @@ class FineTuneModule(L.LightningModule):
         self.val_target_metrics = metrics.clone(prefix="val_target/")  # domain adaptation: reporting only
         self.test_metrics = metrics.clone(prefix="test/")
         self._target_probs: list[torch.Tensor] = []
-        self._pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._pending_loss: dict[int, list[tuple[torch.Tensor, int]]] = {}
+        self._pending: dict[int, list[tuple[torch.Tensor, ...]]] = {}  # batches waiting for a metric update
 
     # ------------------------------------------------------------------ model
     def _make_head(self, head: str | nn.Module, head_kwargs: dict[str, Any] | None) -> nn.Module:
@@ -288,34 +287,29 @@ class FineTuneModule(L.LightningModule):
             self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True,
                      batch_size=batch_size)
 
-    def _update_metrics(self, metrics: MetricCollection, probs: torch.Tensor, y: torch.Tensor) -> None:
-        """Buffer a few batches and update the metrics on their concatenation: one torchmetrics update
-        per ``METRIC_BUFFER`` steps instead of three per step (the states are the same)."""
-        pending = self._pending.setdefault(id(metrics), [])
-        pending.append((probs, y))
+    def _buffered_update(self, target: MetricCollection | MeanMetric, *tensors: torch.Tensor) -> None:
+        """Buffer a few batches and update ``target`` on their concatenation: one torchmetrics update per
+        ``METRIC_BUFFER`` steps instead of one (or three) per step; the states come out the same."""
+        pending = self._pending.setdefault(id(target), [])
+        pending.append(tensors)
         if len(pending) >= self.METRIC_BUFFER:
-            self._flush_metrics(metrics)
+            self._flush(target)
 
-    def _flush_metrics(self, metrics: MetricCollection) -> None:
-        pending = self._pending.pop(id(metrics), [])
+    def _flush(self, target: MetricCollection | MeanMetric) -> None:
+        pending = self._pending.pop(id(target), [])
         if pending:
-            metrics.update(torch.cat([p for p, _ in pending]), torch.cat([t for _, t in pending]))
+            target.update(*(torch.cat(parts) for parts in zip(*pending)))
+
+    def _update_metrics(self, metrics: MetricCollection, probs: torch.Tensor, y: torch.Tensor) -> None:
+        self._buffered_update(metrics, probs, y)
 
     def _update_loss(self, meter: MeanMetric, loss: torch.Tensor, batch_size: int) -> None:
-        """The batch-size-weighted epoch mean, buffered like the metrics: one update per ``METRIC_BUFFER`` steps."""
-        pending = self._pending_loss.setdefault(id(meter), [])
-        pending.append((loss.detach().float(), batch_size))
-        if len(pending) >= self.METRIC_BUFFER:
-            self._flush_loss(meter)
-
-    def _flush_loss(self, meter: MeanMetric) -> None:
-        pending = self._pending_loss.pop(id(meter), [])
-        if pending:
-            values = torch.stack([v for v, _ in pending])
-            meter.update(values, torch.tensor([n for _, n in pending], dtype=values.dtype, device=values.device))
+        """The batch-size-weighted epoch mean of the loss."""
+        value = loss.detach().float().reshape(1)
+        self._buffered_update(meter, value, torch.full_like(value, batch_size))
 
     def _epoch_loss(self, meter: MeanMetric) -> torch.Tensor | None:
-        self._flush_loss(meter)
+        self._flush(meter)
         if not meter.update_count:
             return None
         value = meter.compute()
@@ -324,7 +318,7 @@ class FineTuneModule(L.LightningModule):
 
     def _log_epoch_metrics(self, metrics: MetricCollection, prog_bar: bool) -> dict[str, torch.Tensor]:
         """Compute (synced across ranks by torchmetrics), log and reset: one log call per epoch, not per step."""
-        self._flush_metrics(metrics)
+        self._flush(metrics)
         if not any(m.update_count for m in metrics.values()):
             return {}
         values = metrics.compute()

@@ -61,12 +61,7 @@ from lightning_ft.callbacks._common import check_strategy
 from lightning_ft.distributed import gather_with_grad
 from lightning_ft.prefix import PrefixCut, changes_in_training_mode, find_cut
 
-__all__ = ["FeatureCache", "frozen_reason"]
-
-
-def frozen_reason(module: nn.Module) -> str | None:
-    """Why ``module``'s output may change from one batch to the next (``None``: a fixed function)."""
-    return _Watch(module).reason()
+__all__ = ["FeatureCache"]
 
 
 class _Watch:

@@ -143,6 +143,17 @@ def test_a_candidate_that_fails_on_placeholders_falls_back_to_the_enclosing_bloc
     assert "forward" not in model.layer2.__dict__  # placeholders removed after the context
 
 
+def test_inject_restores_a_forward_set_on_the_instance_by_someone_else():
+    model = _timm("test_resnet", "layer4.0")
+    x = torch.randn(3, 3, 32, 32)
+    cut, _ = find_cut(model, model.forward_features, x)
+    own = model.layer1.forward  # e.g. a wrapper another tool installed on the instance
+    model.layer1.forward = own
+    with cut.inject(cut.capture(model.forward_features, x)):
+        assert model.layer1.forward is not own  # skipped: a placeholder while injecting
+    assert model.layer1.__dict__["forward"] is own
+
+
 class _LongSkip(nn.Module):
     """A value of the prefix reaches past the cut: caching the cut's input alone would be wrong."""
 
