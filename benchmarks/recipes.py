@@ -33,7 +33,7 @@ RECIPES = {
 
 
 def run(config: str, seed: int, epochs: int, quick: bool, root: Path) -> tuple[float, float]:
-    from lightning_ft.cli import main
+    from lightning_ft.cli import run
 
     args = [
         "fit", "--config", str(REPO / "configs" / config), f"--seed_everything={seed}", f"--trainer.max_epochs={epochs}",
@@ -46,7 +46,7 @@ def run(config: str, seed: int, epochs: int, quick: bool, root: Path) -> tuple[f
     argv, sys.argv = sys.argv, ["lightning-ft"]
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            cli = main(args=args)
+            cli = run(args=args)
     finally:
         sys.argv = argv
     return float(cli.trainer.callback_metrics["test/acc"]), time.perf_counter() - start

@@ -9,7 +9,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from lightning_ft.module import FineTuneModule
 
-__all__ = ["FineTuneCLI", "main"]
+__all__ = ["FineTuneCLI", "main", "run"]
 
 
 class FineTuneCLI(LightningCLI):
@@ -37,8 +37,11 @@ class FineTuneCLI(LightningCLI):
                 print(f"test accuracy: {acc:.4f}")
 
 
-def main(args: list[str] | None = None) -> FineTuneCLI:
-    """Run the CLI; ``args`` (a list of strings) replaces ``sys.argv[1:]`` for tests and scripts."""
+def run(args: list[str] | None = None) -> FineTuneCLI:
+    """Run the CLI and return it (its ``trainer``, ``model``, ``datamodule``): for Python scripts and tests.
+
+    ``args`` (a list of strings) replaces ``sys.argv[1:]``.
+    """
     return FineTuneCLI(
         FineTuneModule,
         subclass_mode_data=True,
@@ -47,5 +50,15 @@ def main(args: list[str] | None = None) -> FineTuneCLI:
     )
 
 
+def main(args: list[str] | None = None) -> int:
+    """The ``lightning-ft`` console script: exit status 0 after a successful run.
+
+    A bad command line or config exits with status 2 and jsonargparse's message; an error raised
+    while building or running (e.g. an invalid model argument) exits with status 1 and its traceback.
+    """
+    run(args)
+    return 0
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    raise SystemExit(main())
