@@ -6,7 +6,7 @@ torch only.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -16,18 +16,27 @@ __all__ = ["adapt_batchnorm"]
 
 
 @torch.no_grad()
-def adapt_batchnorm(model: nn.Module, batches: Iterable[Any], max_batches: int | None = None) -> int:
+def adapt_batchnorm(
+    model: nn.Module,
+    batches: Iterable[Any],
+    max_batches: int | None = None,
+    norms: Sequence[nn.Module] | None = None,
+) -> int:
     """Replace BatchNorm running statistics by their exact averages over ``batches`` (target images).
 
-    Each BatchNorm is reset and run with ``momentum=None`` (a cumulative average), so after the pass
-    its statistics are the mean over batches of the batch means and (unbiased) variances. Batches may
-    be tensors or ``(x, ...)`` tuples. Modes and momenta are restored. Returns the number of batches used.
+    Each BatchNorm (of ``norms``; default: all of ``model``'s) is reset and run with ``momentum=None``
+    (a cumulative average), so after the pass its statistics are the mean over batches of the batch
+    means and (unbiased) variances; every other module runs in eval mode. Batches may be tensors or
+    ``(x, ...)`` tuples. Modes and momenta are restored, and so are the old statistics when the pass
+    fails or sees no batch. Returns the number of batches used.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if norms is None:
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         raise ValueError(f"{type(model).__name__} has no BatchNorm layer: AdaBN has nothing to adapt.")
     modes = {m: m.training for m in model.modules()}
     momenta = {bn: bn.momentum for bn in norms}
+    saved = {bn: {k: v.clone() for k, v in bn.state_dict().items()} for bn in norms}
     device = next(model.parameters()).device
     for bn in norms:
         bn.reset_running_stats()
@@ -43,11 +52,15 @@ def adapt_batchnorm(model: nn.Module, batches: Iterable[Any], max_batches: int |
             x = batch[0] if isinstance(batch, (list, tuple)) else batch
             model(x.to(device))
             used += 1
+        if used == 0:
+            raise ValueError("AdaBN got no batch: the data is empty.")
+    except BaseException:
+        for bn, state in saved.items():
+            bn.load_state_dict(state)
+        raise
     finally:
         for m, mode in modes.items():
             m.training = mode
         for bn, momentum in momenta.items():
             bn.momentum = momentum
-    if used == 0:
-        raise ValueError("AdaBN got no target batch.")
     return used

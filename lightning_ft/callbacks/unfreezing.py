@@ -12,14 +12,20 @@ How it stays right where other tools go wrong:
   had been scheduled from the start, optimizer state of groups already training is untouched.
 * **DDP.** The reducer only syncs params that required grad when DDP wrapped the model, so after a
   transition the module is wrapped anew (which also broadcasts rank 0's weights).
-* **Frozen BatchNorm** stays in eval mode across ``model.train()`` calls (or trains with ``train_bn``).
+* **Frozen BatchNorm** stays in eval mode across ``model.train()`` calls and Lightning's mode restore
+  after validation (``frozen_bn``: or its statistics are re-estimated once on the training data, or it
+  keeps training); BatchNorm of a thawed group trains again, also after a resume.
 * **No backward through the frozen prefix**: nothing below the first trainable layer requires grad.
 * **Resume**: phase, patience counter, best score (and best weights with ``restore_best``) are
   in ``state_dict``; the restored phase is applied before DDP wraps and the optimizer state loads.
+* **An optimizer over trainable parameters only** (``AdamW(p for p in self.parameters() if
+  p.requires_grad)``): with one param group, the parameters that will thaw are put into it before the
+  first step, so the number of groups, and every scheduler's curve, stays as built.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Sequence
@@ -29,8 +35,11 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
+from torch.utils.data import DataLoader
 
+from lightning_ft.adabn import adapt_batchnorm
 from lightning_ft.backbones import LayerGroup, layer_groups
 from lightning_ft.callbacks._common import (
     batchnorm_modules,
@@ -44,13 +53,22 @@ from lightning_ft.callbacks._common import (
 __all__ = ["GradualUnfreezing", "LinearProbing"]
 
 MilestoneSpec = dict[int, list[str] | str]
+FrozenBN = Literal["eval", "recalibrate", "train"]
 
 
 class GradualUnfreezing(Callback):
-    """Unfreeze layer groups from the head down, on a validation plateau and/or at epoch milestones.
+    """Unfreeze layer groups from the head down, at epoch milestones and/or on a validation plateau.
+
+    Two triggers start the next phase: **milestones** (epochs) and a **plateau** of ``monitor``.
+    Without milestones the plateau trigger is on, on ``val/loss`` unless ``monitor`` names another
+    metric. With milestones, phases start at their epochs only; pass ``monitor=`` as well to let a
+    plateau start a phase earlier. A non-finite monitored value (a diverged run) never counts
+    toward a plateau: nothing is thawed on it, and a warning names the epoch and the value.
 
     Args:
-        monitor: validation metric that drives plateau transitions; ``None`` uses milestones only.
+        monitor: validation metric of the plateau trigger. ``"auto"`` (default): ``"val/loss"`` when
+            no ``milestones`` are given, no plateau trigger when they are. ``None``: no plateau trigger
+            (then ``milestones`` are required).
         mode: ``"min"`` or ``"max"`` for ``monitor``.
         patience: validation epochs without improvement before the next phase.
         min_delta: smallest change that counts as an improvement.
@@ -59,20 +77,24 @@ class GradualUnfreezing(Callback):
             ``None``: all).
         milestones: ``{epoch: groups}``; groups are layer-group names (or name prefixes, e.g.
             ``"blocks.6"``) or ``"all"``, e.g. ``{0: ["head"], 5: ["blocks.6", "blocks.5"], 20: "all"}``.
-            Each entry starts a phase at that epoch (earlier on a plateau when ``monitor`` is set).
+            Each entry starts a phase at that epoch (earlier on a plateau only when ``monitor`` is set).
         phases: explicit phases as regexes over parameter names, cumulative, e.g.
-            ``["head|fc|classifier", "head|fc|classifier|norm|blocks\\.1[01]", ".*"]``.
+            ``["head|fc|classifier", "head|fc|classifier|norm|blocks\\.1[01]", ".*"]`` (plateau-driven).
         head: names/prefixes of the head for modules without a timm backbone (default: the last group).
         restore_best: at a transition, load the best weights of the phase that ended.
         warmup_steps: newly thawed groups ramp their lr linearly over this many steps (their
             scheduled lr is multiplied by the ramp only inside the optimizer step; schedulers never see it).
-        train_bn: let BatchNorm layers of frozen groups update their statistics (default: eval mode).
+        frozen_bn: BatchNorm layers of frozen groups. ``"eval"``: eval mode, running statistics kept
+            (the pretrained ones). ``"recalibrate"``: their statistics are re-estimated once on the
+            training inputs before the first step (no gradient, no weight changes, run in order with
+            the random state restored; averaged over DDP ranks), then kept in eval mode.
+            ``"train"``: train mode, statistics follow each batch (what finetuning-scheduler does).
         verbose: print a line on rank zero at each transition.
     """
 
     def __init__(
         self,
-        monitor: str | None = "val/loss",
+        monitor: str | None = "auto",
         mode: Literal["min", "max"] = "min",
         patience: int = 2,
         min_delta: float = 0.0,
@@ -83,7 +105,7 @@ class GradualUnfreezing(Callback):
         head: str | list[str] | None = None,
         restore_best: bool = False,
         warmup_steps: int = 0,
-        train_bn: bool = False,
+        frozen_bn: FrozenBN = "eval",
         verbose: bool = True,
     ) -> None:
         super().__init__()
@@ -95,9 +117,13 @@ class GradualUnfreezing(Callback):
             raise ValueError(f"max_depth must be >= 0 (0 = linear probing) or None, got {max_depth}.")
         if milestones is not None and phases is not None:
             raise ValueError("Give either milestones= (group names per epoch) or phases= (regexes), not both.")
-        if monitor is None and milestones is None:
+        if frozen_bn not in ("eval", "recalibrate", "train"):
+            raise ValueError(f"frozen_bn must be 'eval', 'recalibrate' or 'train', got {frozen_bn!r}.")
+        if monitor == "auto":
+            monitor = None if milestones is not None else "val/loss"
+        elif monitor is None and milestones is None:
             raise ValueError(
-                "GradualUnfreezing needs a trigger: monitor= (plateau) and/or milestones= (epochs). "
+                "GradualUnfreezing needs a trigger: milestones= (epochs) and/or monitor= (plateau). "
                 "For a frozen backbone throughout, use LinearProbing() or max_depth=0."
             )
         self.monitor = monitor
@@ -111,7 +137,7 @@ class GradualUnfreezing(Callback):
         self.head = head
         self.restore_best = restore_best
         self.warmup_steps = warmup_steps
-        self.train_bn = train_bn
+        self.frozen_bn = frozen_bn
         self.verbose = verbose
         # state (see state_dict)
         self.phase = 0
@@ -119,16 +145,19 @@ class GradualUnfreezing(Callback):
         self.best: float | None = None
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.transitions: list[dict[str, Any]] = []
+        self.recalibrated = False
         # built in setup
         self._phases: list[frozenset[str]] = []
         self._phase_labels: list[list[str]] = []
         self._phase_epochs: list[int | None] = []
         self._module: L.LightningModule | None = None
         self._frozen_bn: list[nn.Module] = []
+        self._taken_bn: dict[nn.Module, bool] = {}  # BatchNorm put in eval by this callback -> its mode before
+        self._released_bn: list[nn.Module] = []  # thawed since: back to that mode at the next training batch
         self._warm_groups: dict[int, int] = {}  # optimizer group index -> step it was thawed at
         self._hooks: list[Any] = []
         self._saved_lrs: dict[int, float] = {}
-        self._checked_logged = False
+        self._warned_non_finite = False
 
     # ------------------------------------------------------------------ state
     @property
@@ -142,6 +171,7 @@ class GradualUnfreezing(Callback):
             "best": self.best,
             "transitions": list(self.transitions),
             "warm_groups": dict(self._warm_groups),
+            "recalibrated": self.recalibrated,
         }
         if self.restore_best and self.best_weights is not None:
             state["best_weights"] = self.best_weights
@@ -154,6 +184,7 @@ class GradualUnfreezing(Callback):
         self.transitions = list(state_dict.get("transitions", []))
         self.best_weights = state_dict.get("best_weights")
         self._warm_groups = {int(k): int(v) for k, v in state_dict.get("warm_groups", {}).items()}
+        self.recalibrated = bool(state_dict.get("recalibrated", False))  # the statistics are in the weights
         if self._module is not None and self._phases:
             # callback state is restored after setup and before DDP wraps the module: apply it now
             self._apply_phase(self._module)
@@ -293,18 +324,33 @@ class GradualUnfreezing(Callback):
         for name, p in pl_module.named_parameters():
             p.requires_grad_(name in trainable)
         self._frozen_bn = []
-        if not self.train_bn:
+        if self.frozen_bn != "train":
             params = dict(pl_module.named_parameters())
             for name, bn in batchnorm_modules(pl_module):
                 own = [f"{name}.{n}" for n, _ in bn.named_parameters(recurse=False)]
                 if own and not any(params[n].requires_grad for n in own):
                     self._frozen_bn.append(bn)
-        self._bn_to_eval()
+        frozen = set(self._frozen_bn)
+        for bn in [bn for bn in self._taken_bn if bn not in frozen]:  # thawed: trains again (also on resume)
+            if self._taken_bn.pop(bn):
+                self._released_bn.append(bn)
+        for bn in self._frozen_bn:
+            self._taken_bn.setdefault(bn, bn.training)
+        self._sync_bn_modes(training=False)
 
-    def _bn_to_eval(self) -> None:
+    def _sync_bn_modes(self, training: bool) -> None:
+        """Frozen BatchNorm to eval; thawed BatchNorm back to train when ``training`` (a training batch is next).
+
+        Lightning restores every submodule's mode after validation and never calls ``train()`` itself,
+        so the modes are set here, at the start of each training batch.
+        """
         for bn in self._frozen_bn:
             if bn.training:
                 bn.eval()
+        if training and self._released_bn:
+            for bn in self._released_bn:
+                bn.train()
+            self._released_bn = []
 
     def _transition(self, trainer: L.Trainer, pl_module: L.LightningModule, target: int, reason: str) -> None:
         target = min(target, self.num_phases - 1)
@@ -314,10 +360,7 @@ class GradualUnfreezing(Callback):
             pl_module.load_state_dict(self.best_weights, strict=False)
         before = {n for n, p in pl_module.named_parameters() if p.requires_grad}
         self.phase = target
-        self._apply_phase(pl_module)
-        for m in pl_module.modules():  # thawed BatchNorm trains with the module again
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in self._frozen_bn:
-                m.train(pl_module.training)
+        self._apply_phase(pl_module)  # thawed BatchNorm trains from the next training batch on
         thawed = [n for n, p in pl_module.named_parameters() if p.requires_grad and n not in before]
         self._mark_warmup(trainer, set(thawed), pl_module)
         rewrap_ddp(trainer)
@@ -379,19 +422,43 @@ class GradualUnfreezing(Callback):
         self._saved_lrs = {}
 
     # ------------------------------------------------------------------ hooks
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        in_optimizer = optimizer_param_ids(trainer)
-        missing = [n for n, p in pl_module.named_parameters() if id(p) not in in_optimizer]
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after Lightning built the optimizers, before a checkpoint's optimizer state is loaded
+        self._include_params_to_thaw(trainer, pl_module)
+
+    def _include_params_to_thaw(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Every parameter a phase will thaw must be in the optimizer before the first step.
+
+        A single param group (``AdamW(p for p in self.parameters() if p.requires_grad)``) takes them
+        in, in the module's parameter order (the same on a fresh start and on a resume, so a
+        checkpoint's optimizer state lines up): the group count, and so every scheduler's curve, is
+        unchanged, and frozen parameters have no gradient, so the optimizer skips them. Several
+        groups: which group a parameter belongs in is the module's decision, so it is an error.
+        """
         later = {n for phase in self._phases for n in phase}
-        missing = [n for n in missing if n in later]
-        if missing:
-            raise ValueError(
-                f"GradualUnfreezing will thaw parameters that are not in the optimizer ({', '.join(missing[:3])}, ...). "
-                "Build the optimizer over all parameters, frozen ones included (e.g. AdamW(self.parameters())), "
-                "or add the LayerwiseLRDecay callback, which does it: adding param groups to a live optimizer "
-                "breaks its scheduler."
-            )
-        if self.warmup_steps:
+        named = list(pl_module.named_parameters())
+        missing = [n for n, p in named if n in later and id(p) not in optimizer_param_ids(trainer)]
+        if not missing:
+            return
+        groups = [g for opt in trainer.optimizers for g in opt.param_groups]
+        if len(groups) == 1:
+            group = groups[0]
+            own = {id(p) for p in group["params"]}
+            wanted = own | {id(p) for n, p in named if n in later}
+            ordered = [p for _, p in named if id(p) in wanted]
+            outside = [p for p in group["params"] if id(p) not in {id(q) for q in ordered}]
+            group["params"][:] = ordered + outside  # in place: some optimizers hold the list itself
+            return
+        raise ValueError(
+            f"GradualUnfreezing will thaw parameters that are not in the optimizer ({', '.join(missing[:3])}, ...), "
+            f"which has {len(groups)} param groups, so which group they belong to is ambiguous. Build the "
+            "optimizer over all parameters, frozen ones included (e.g. AdamW(self.parameters())), use a single "
+            "param group, or add the LayerwiseLRDecay callback, which does it: adding param groups to a live "
+            "optimizer breaks its scheduler."
+        )
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.warmup_steps:  # here, not in on_fit_start: LayerwiseLRDecay may rebuild the groups there
             mixed = [
                 group_label(g, i)
                 for opt in trainer.optimizers
@@ -406,13 +473,56 @@ class GradualUnfreezing(Callback):
         self._install_warmup_hooks(trainer)
         # milestones already passed (resume) or at epoch 0
         self._apply_milestones(trainer, pl_module)
+        if self.frozen_bn == "recalibrate" and not self.recalibrated:
+            self._recalibrate(trainer, pl_module)
+
+    def _recalibrate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Re-estimate the frozen BatchNorm layers' statistics on this rank's share of the training inputs."""
+        if not self._frozen_bn:
+            self.recalibrated = True
+            return
+        loader = trainer.train_dataloader
+        if not isinstance(loader, DataLoader):
+            raise ValueError(
+                "GradualUnfreezing(frozen_bn='recalibrate') reads the training inputs from one DataLoader of "
+                f"(inputs, ...) batches; this fit trains on {type(loader).__name__}. Use frozen_bn='eval' or 'train'."
+            )
+        rank, world = trainer.global_rank, trainer.world_size
+        indices = list(range(rank, len(loader.dataset), world))  # in order: no sampler draws from the RNG
+        ordered = DataLoader(loader.dataset, batch_size=loader.batch_size or 1, sampler=indices,
+                             collate_fn=loader.collate_fn, num_workers=loader.num_workers)
+
+        def inputs() -> Any:
+            for batch in ordered:
+                batch = trainer.strategy.batch_to_device(batch, pl_module.device)
+                x = batch[0] if isinstance(batch, (list, tuple)) else batch
+                if not isinstance(x, torch.Tensor):
+                    raise ValueError(
+                        "GradualUnfreezing(frozen_bn='recalibrate') runs the module on the first element of each "
+                        f"training batch, which is a {type(x).__name__} here. Use frozen_bn='eval' or 'train'."
+                    )
+                yield x
+
+        with isolate_rng(), trainer.precision_plugin.forward_context():
+            adapt_batchnorm(pl_module, inputs(), norms=self._frozen_bn)
+        if world > 1:  # equal shares (DistributedSampler pads): the mean over ranks is the mean over batches
+            for bn in self._frozen_bn:
+                for buf in (bn.running_mean, bn.running_var):
+                    if buf is not None:
+                        buf.copy_(trainer.strategy.reduce(buf.clone(), reduce_op="mean"))
+        self.recalibrated = True
+        if self.verbose:
+            rank_zero_info(
+                f"GradualUnfreezing: re-estimated the statistics of {len(self._frozen_bn)} frozen BatchNorm layers "
+                f"on {len(loader.dataset)} training samples."
+            )
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._apply_milestones(trainer, pl_module)
-        self._bn_to_eval()
+        self._sync_bn_modes(training=True)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._bn_to_eval()  # Lightning restores module modes by attribute after validation
+        self._sync_bn_modes(training=True)  # Lightning restores module modes by attribute after validation
 
     def _apply_milestones(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         due = [i for i, e in enumerate(self._phase_epochs) if e is not None and e <= trainer.current_epoch]
@@ -433,16 +543,25 @@ class GradualUnfreezing(Callback):
             return
         current = trainer.callback_metrics.get(self.monitor)
         if current is None:  # at the sanity check (before any training step) when Lightning runs one
-            logged = ", ".join(sorted(trainer.callback_metrics)) or "nothing"
             raise ValueError(
-                f"GradualUnfreezing monitors `{self.monitor}`, which was not logged. Logged: {logged}. "
-                f"Log it with self.log('{self.monitor}', ...) or set monitor=."
+                f"GradualUnfreezing monitors `{self.monitor}`, which was not logged. "
+                f"{_logged_names(self.monitor, list(trainer.callback_metrics))} "
+                f"Log it with self.log('{self.monitor}', ...) or set monitor= (None: milestones only)."
             )
         if trainer.sanity_checking:
             return
         # the same value on every rank, so every rank keeps the same counters
         metric = torch.as_tensor(current, dtype=torch.float32, device=pl_module.device)
         value = float(trainer.strategy.reduce(metric, reduce_op="mean"))
+        if not math.isfinite(value):  # a diverged run: thawing more layers would not help it
+            if not self._warned_non_finite:
+                self._warned_non_finite = True
+                rank_zero_warn(
+                    f"GradualUnfreezing: {self.monitor} is {value} at epoch {trainer.current_epoch}; a non-finite "
+                    "value never counts toward a plateau, so nothing is thawed on it. The run has probably "
+                    "diverged: lower the learning rate, or stop it with EarlyStopping(check_finite=True)."
+                )
+            return
         improved = self._improved(value)
         if improved:
             self.best, self.wait = value, 0
@@ -460,8 +579,6 @@ class GradualUnfreezing(Callback):
             )
 
     def _improved(self, value: float) -> bool:
-        if math.isnan(value):
-            return False
         if self.best is None:
             return True
         if self.mode == "min":
@@ -477,8 +594,8 @@ class GradualUnfreezing(Callback):
 class LinearProbing(GradualUnfreezing):
     """Linear probing: only the head trains, for the whole fit (GradualUnfreezing with max_depth=0)."""
 
-    def __init__(self, head: str | list[str] | None = None, train_bn: bool = False) -> None:
-        super().__init__(monitor=None, milestones={0: []}, head=head, train_bn=train_bn, verbose=False)
+    def __init__(self, head: str | list[str] | None = None, frozen_bn: FrozenBN = "eval") -> None:
+        super().__init__(monitor=None, milestones={0: []}, head=head, frozen_bn=frozen_bn, verbose=False)
 
 
 def _has_validation(trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
@@ -488,3 +605,17 @@ def _has_validation(trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
         return False
     return is_overridden("validation_step", pl_module)
 
+
+
+def _logged_names(monitor: str, logged: list[str]) -> str:
+    """What was logged, the names closest to ``monitor`` first (not after dozens of lr keys)."""
+    if not logged:
+        return "Nothing was logged."
+    close = difflib.get_close_matches(monitor, logged, n=3, cutoff=0.6)
+    stage = monitor.split("/", 1)[0] if "/" in monitor else monitor.split("_", 1)[0]
+    rest = sorted(n for n in logged if n not in close)
+    rest.sort(key=lambda n: (not n.startswith(stage), "lr" in n.split("/")[0] or "/lr/" in n, n))
+    shown = rest[: max(0, 10 - len(close))]
+    more = f" (+{len(rest) - len(shown)} more)" if len(rest) > len(shown) else ""
+    hint = f"Did you mean {', '.join(f'`{n}`' for n in close)}? " if close else ""
+    return f"{hint}Logged: {', '.join([*close, *shown])}{more}."

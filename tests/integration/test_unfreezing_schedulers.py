@@ -6,6 +6,7 @@ gives that group in a run where every group trains from the start.
 
 from functools import partial
 
+import lightning as L
 import pytest
 import torch
 from torch.optim import lr_scheduler as S
@@ -138,3 +139,47 @@ def test_bf16_mixed_runs_through_all_phases():
     assert cb.phase == cb.num_phases - 1 == 3
     assert all(p.requires_grad for p in model.parameters())
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+TRAINABLE_ONLY_SCHEDULERS = {
+    "one_cycle": SCHEDULERS["one_cycle"],
+    "lambda": SCHEDULERS["lambda"],
+    "cosine": lambda opt, tr: {"scheduler": S.CosineAnnealingLR(opt, T_max=_total(tr)), "interval": "step"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRAINABLE_ONLY_SCHEDULERS))
+def test_optimizer_over_trainable_params_only_keeps_its_curve_and_thaws_at_the_heads_lr(name):
+    """``AdamW(p for p in self.parameters() if p.requires_grad)``: one group, which takes in what will thaw."""
+    scheduler = TRAINABLE_ONLY_SCHEDULERS[name]
+
+    def run(only_trainable, unfreeze):
+        torch.manual_seed(0)
+        module = ScriptedModule(SCORES, scheduler=scheduler, only_trainable=only_trainable)
+        recorder, owner = LrRecorder(), {}
+
+        class Owner(L.Callback):  # the lr each parameter was stepped with, per step
+            def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            owner.setdefault(trainer.global_step, {})[id(p)] = group["lr"]
+
+        callbacks = [recorder, Owner()]
+        if unfreeze:
+            callbacks.append(GradualUnfreezing(milestones={1: ["body.2"], 2: "all"}, verbose=False))
+        trainer = fast_trainer(max_epochs=EPOCHS, callbacks=callbacks)
+        trainer.fit(module, vector_loader(), vector_loader(n=8))
+        return module, trainer, recorder.steps, owner
+
+    module, trainer, steps, owner = run(only_trainable=True, unfreeze=True)
+    _, _, reference, _ = run(only_trainable=False, unfreeze=False)
+    assert len(trainer.optimizers[0].param_groups) == 1
+    assert [lr for ((_, lr),) in steps] == [lr for ((_, lr),) in reference]  # the curve as configured, bitwise
+    head, body0, body2 = (id(module.head.weight), id(module.body[0].weight), id(module.body[2].weight))
+    for step, lrs in owner.items():
+        epoch = step // 4
+        assert (body2 in lrs) == (epoch >= 1) and (body0 in lrs) == (epoch >= 2), step
+        assert all(lr == lrs[head] for lr in lrs.values())  # thawed params step at the head's lr
+    state = trainer.optimizers[0].state
+    assert int(state[module.body[0].weight]["step"]) == (EPOCHS - 2) * 4

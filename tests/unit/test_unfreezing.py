@@ -78,8 +78,100 @@ def test_linear_probing_preset_never_thaws():
 
 
 def test_monitor_that_was_never_logged_lists_what_was():
-    with pytest.raises(ValueError, match=r"monitors `val/acc`, which was not logged\. Logged: .*val/loss.*self\.log"):
+    with pytest.raises(ValueError, match=r"monitors `val/acc`, which was not logged\. .*Logged: .*val/loss.*self\.log"):
         _fit(ScriptedModule(), GradualUnfreezing(monitor="val/acc"), epochs=1)
+
+
+class ManyLogs(ScriptedModule):
+    """Logs Lightning-style names plus many learning-rate keys (as LearningRateMonitor does)."""
+
+    def validation_step(self, batch, batch_idx):
+        loss = nn.functional.cross_entropy(self(batch[0]), batch[1])
+        self.log("val/acc", 1.0 - loss)
+        self.log("val/loss", loss)
+        for i in range(36):
+            self.log(f"lr-AdamW/group{i:02d}", 0.01)
+
+
+def test_monitor_that_was_never_logged_suggests_the_closest_names_first():
+    with pytest.raises(ValueError) as err:
+        _fit(ManyLogs(), GradualUnfreezing(monitor="val/accuracy"), epochs=1)
+    message = str(err.value)
+    assert "Did you mean `val/acc`?" in message
+    logged = message.split("Logged: ")[1]
+    assert logged.startswith("val/acc, val/loss")  # before the 36 lr keys, which are cut short
+    assert "(+" in logged and "more)" in logged
+
+
+def test_milestones_alone_need_no_monitor_on_a_module_logging_val_loss():
+    class LightningStyle(ScriptedModule):
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+    cb = GradualUnfreezing(milestones={0: ["head"], 2: "all"}, verbose=False)
+    assert cb.monitor is None
+    _fit(LightningStyle(), cb, epochs=3)
+    assert [(t["epoch"], t["reason"]) for t in cb.transitions] == [(2, "milestone epoch 2")]
+
+
+def test_milestones_are_not_preempted_by_a_plateau_unless_a_monitor_is_given():
+    flat = [1.0, 1.0, 1.0, 1.0]  # a plateau from epoch 1 on (patience 1)
+    cb = GradualUnfreezing(milestones={3: "all"}, patience=1, verbose=False)
+    _fit(ScriptedModule(flat), cb, epochs=4)
+    assert [t["epoch"] for t in cb.transitions] == [3]
+    both = GradualUnfreezing(milestones={3: "all"}, monitor="val/score", patience=1, verbose=False)
+    _fit(ScriptedModule(flat), both, epochs=4)
+    assert both.transitions[0]["epoch"] == 1 and "did not improve" in both.transitions[0]["reason"]
+    assert GradualUnfreezing().monitor == "val/loss"  # no milestones: plateau on val/loss
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_monitor_never_thaws_and_warns_once(bad):
+    values = [1.0, bad, bad, bad, bad]  # patience 1: a NaN counted as "no improvement" would thaw at epoch 1
+    cb = GradualUnfreezing(monitor="val/score", patience=1, verbose=False)
+    with pytest.warns(UserWarning, match=rf"val/score is {bad} at epoch 1; a non-finite value never counts") as rec:
+        _fit(ScriptedModule(values), cb, epochs=5)
+    assert cb.transitions == [] and cb.phase == 0 and cb.wait == 0 and cb.best == 1.0
+    assert sum("non-finite" in str(w.message) for w in rec) == 1
+
+
+def test_recalibrate_re_estimates_frozen_batchnorm_once_on_the_training_inputs_in_order():
+    torch.manual_seed(0)
+    model = FineTuneModule("test_resnet", num_classes=3, lr=0.05)
+    bns = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    weights = {k: v.clone() for k, v in model.backbone.named_parameters()}
+    loader = random_loader(n=24, batch=8, shuffle=True)
+    # the exact statistics: the mean over the training batches, in dataset order, of each layer's batch statistics
+    expected = FineTuneModule("test_resnet", num_classes=3)
+    expected.load_state_dict(model.state_dict())
+    from lightning_ft.adabn import adapt_batchnorm
+
+    adapt_batchnorm(expected, [x for x, _ in random_loader(n=24, batch=8)])
+    cb = GradualUnfreezing(milestones={0: ["head"]}, frozen_bn="recalibrate", verbose=False)
+    fast_trainer(max_epochs=1, callbacks=[cb]).fit(model, loader)  # frozen BatchNorm stays still after the pass
+    for bn, ref in zip(bns, [m for m in expected.backbone.modules() if isinstance(m, nn.BatchNorm2d)]):
+        assert torch.allclose(bn.running_mean, ref.running_mean, atol=1e-6)
+        assert torch.allclose(bn.running_var, ref.running_var, atol=1e-5)
+        assert not bn.training
+    assert all(torch.equal(v, weights[k]) for k, v in model.backbone.named_parameters())
+    assert cb.recalibrated
+
+
+def test_recalibrate_leaves_the_random_stream_and_the_data_order_alone():
+    def batches_seen(frozen_bn):
+        torch.manual_seed(0)
+        model = FineTuneModule("test_resnet", num_classes=3)
+        seen = []
+        model.training_step = lambda batch, idx, _s=model.training_step: seen.append(batch[1].tolist()) or _s(batch, idx)
+        cb = GradualUnfreezing(milestones={0: ["head"]}, frozen_bn=frozen_bn, verbose=False)
+        torch.manual_seed(1)
+        fast_trainer(max_epochs=2, callbacks=[cb]).fit(model, random_loader(n=24, batch=8, shuffle=True))
+        return seen, torch.rand(1)
+
+    assert batches_seen("recalibrate") == batches_seen("eval")
+
+
+
 
 
 def test_monitor_without_validation_is_refused_at_setup():
@@ -129,10 +221,28 @@ def test_module_without_a_head_is_refused():
         _fit(One(), GradualUnfreezing(), epochs=1)
 
 
-def test_optimizer_without_the_frozen_params_is_refused_with_the_fix():
-    module = ScriptedModule([1.0], only_trainable=True)
-    with pytest.raises(ValueError, match=r"not in the optimizer.*AdamW\(self.parameters\(\)\).*LayerwiseLRDecay"):
-        _fit(module, GradualUnfreezing(monitor="val/score"), epochs=1)
+def test_single_group_optimizer_over_trainable_params_takes_in_the_params_to_thaw():
+    module = ScriptedModule(only_trainable=True)
+    cb = GradualUnfreezing(milestones={1: ["body.2"]}, verbose=False)
+    body0 = module.body[0].weight.detach().clone()
+    trainer = _fit(module, cb, epochs=2)
+    (group,) = trainer.optimizers[0].param_groups
+    # the head's params and the ones phase 1 thaws, in module order; body.0 and body.1 never thaw
+    assert [id(p) for p in group["params"]] == [id(p) for n, p in module.named_parameters()
+                                                 if n.startswith(("body.2", "head"))]
+    state = trainer.optimizers[0].state
+    assert int(state[module.body[2].weight]["step"]) == 4 and int(state[module.head.weight]["step"]) == 8
+    assert torch.equal(module.body[0].weight, body0)
+
+
+def test_several_groups_without_the_params_to_thaw_are_refused_with_the_fix():
+    class TwoGroups(ScriptedModule):
+        def configure_optimizers(self):
+            return torch.optim.AdamW([{"params": self.head.parameters()},
+                                      {"params": [p for p in self.body.parameters() if p.requires_grad]}])
+
+    with pytest.raises(ValueError, match=r"not in the optimizer.*2 param groups.*AdamW\(self.parameters\(\)\).*LayerwiseLRDecay"):
+        _fit(TwoGroups(), GradualUnfreezing(milestones={1: "all"}), epochs=1)
 
 
 def test_frozen_layers_unchanged_bn_in_eval_and_no_graph_through_the_prefix():
@@ -153,12 +263,12 @@ def test_frozen_layers_unchanged_bn_in_eval_and_no_graph_through_the_prefix():
     assert bns and not any(bn.training for bn in bns)
 
 
-def test_train_bn_lets_frozen_batchnorm_statistics_move():
+def test_frozen_bn_train_lets_frozen_batchnorm_statistics_move():
     torch.manual_seed(0)
     model = FineTuneModule("test_resnet", num_classes=3)
     stats = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)][0]
     before = stats.running_mean.clone()
-    cb = GradualUnfreezing(monitor=None, milestones={0: ["head"]}, train_bn=True, verbose=False)
+    cb = GradualUnfreezing(milestones={0: ["head"]}, frozen_bn="train", verbose=False)
     fast_trainer(max_epochs=1, callbacks=[cb]).fit(model, random_loader())
     assert not torch.equal(stats.running_mean, before)
     assert not stats.weight.requires_grad
