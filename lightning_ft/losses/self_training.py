@@ -35,13 +35,17 @@ def minimum_class_confusion(logits: torch.Tensor, temperature: float = 2.5) -> t
     Probabilities ``p = softmax(logits / T)``; examples are weighted by ``w = N * s / sum(s)`` with
     ``s = 1 + exp(-H(p))`` (certain examples count more); the class confusion ``C = p^T diag(w) p``
     is row-normalised and the loss is the mean off-diagonal mass, ``(sum(C) - trace(C)) / K``.
+    The weights are constants for the gradient (computed from detached probabilities), as in the
+    authors' released code (thuml/Versatile-Domain-Adaptation), pytorch-adapt's ``MCCLoss`` and
+    tllib: the gradient reaches the logits through the confusion matrix only.
 
     Shape:
         logits ``(N, K)`` -> scalar
     """
     n, k = logits.shape
     p = F.softmax(logits.float() / temperature, dim=-1)
-    h = -(p * torch.log(p + 1e-5)).sum(-1)
+    q = p.detach()
+    h = -(q * torch.log(q + 1e-5)).sum(-1)
     s = 1.0 + torch.exp(-h)
     w = (n * s / s.sum()).unsqueeze(1)
     confusion = (p * w).t() @ p
