@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import pickle
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -183,27 +184,61 @@ def _asset_list() -> str:
 _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
 
 
+def _weights_format(path: Path) -> str | None:
+    """``"safetensors"``, ``"torch"`` (zip or legacy pickle) or ``None``, from the file's first bytes."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if len(head) == 9:
+        header = int.from_bytes(head[:8], "little")
+        if head[8:9] == b"{" and 8 + header <= size:
+            return "safetensors"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"
+    return None
+
+
 def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a ``.safetensors`` or torch file (``weights_only=True``) into a flat state dict.
 
-    Lightning checkpoints and ``{"state_dict": ...}``/``{"model": ...}`` wrappers are unwrapped;
-    ``module.`` (DDP) prefixes are removed.
+    The format is read from the file's first bytes, whatever its suffix. Lightning checkpoints and
+    ``{"state_dict": ...}``/``{"model": ...}`` wrappers are unwrapped; ``module.`` (DDP) prefixes are
+    removed. A file that is neither format, or is truncated, fails here, with its name and size.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Weights file '{path}' does not exist. Check the path.")
-    if path.suffix == ".safetensors":
+    kind = _weights_format(path)
+
+    def unreadable(why: str) -> ValueError:
+        return ValueError(
+            f"'{path}' ({path.stat().st_size:,} bytes) is not a readable safetensors or torch weights file: {why}. "
+            "It may be truncated or corrupt: copy or save it again (model.state_dict() with "
+            "safetensors.torch.save_file or torch.save)."
+        )
+
+    if kind is None:
+        raise unreadable("its first bytes are neither a safetensors header nor a torch zip/pickle")
+    if kind == "safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as err:  # safetensors' own errors (SafetensorError) say little about the file
+            raise unreadable(f"safetensors could not read it ({err})") from err
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickle with arbitrary objects, or not a torch file at all
-            raise ValueError(
+            with open(path, "rb") as fh:  # a file object: torch must not pick a reader by the suffix
+                state = torch.load(fh, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            if "weights_only" not in str(err).lower() and "weights only" not in str(err).lower():
+                raise unreadable(f"torch could not unpickle it ({err})") from err
+            raise ValueError(  # a readable pickle that holds more than tensors
                 f"Could not read '{path}' as a torch weights file with weights_only=True ({err}). "
                 "Save only tensors (model.state_dict()) or convert it to .safetensors."
             ) from err
+        except Exception as err:  # a truncated zip, a broken record
+            raise unreadable(f"torch could not load it ({type(err).__name__}: {err})") from err
     for key in _WRAPPER_KEYS:
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

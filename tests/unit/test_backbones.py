@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import timm
 import torch
@@ -101,6 +103,40 @@ def test_torch_file_with_arbitrary_objects_is_refused(tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(1)}, "obj": nn.Linear(1, 1)}, path)
     with pytest.raises(ValueError, match="weights_only=True"):
         load_weights_file(path)
+
+
+def _corrupt_files(tmp_path):
+    torch.manual_seed(0)
+    state = timm.create_model("test_resnet").state_dict()
+    random_bytes = tmp_path / "garbage.safetensors"
+    random_bytes.write_bytes(torch.randint(0, 256, (5000,), dtype=torch.uint8).numpy().tobytes())
+    good_pth, good_st = tmp_path / "good.pth", tmp_path / "good.safetensors"
+    torch.save(state, good_pth)
+    save_file(state, str(good_st))
+    truncated_pth, truncated_st = tmp_path / "truncated.pth", tmp_path / "truncated.safetensors"
+    truncated_pth.write_bytes(good_pth.read_bytes()[: good_pth.stat().st_size // 2])
+    truncated_st.write_bytes(good_st.read_bytes()[: good_st.stat().st_size // 2])
+    renamed = tmp_path / "random.pth"
+    renamed.write_bytes(random_bytes.read_bytes())
+    return [random_bytes, renamed, truncated_pth, truncated_st]
+
+
+def test_corrupt_or_truncated_weights_file_is_named_at_construction(tmp_path):
+    for path in _corrupt_files(tmp_path):
+        size = f"{path.stat().st_size:,} bytes"
+        with pytest.raises(ValueError, match=rf"'{re.escape(str(path))}' \({size}\) is not a readable safetensors "
+                                             r"or torch weights file: .*truncated or corrupt"):
+            create_backbone("test_resnet", str(path))
+
+
+def test_weights_format_is_read_from_the_content_not_the_suffix(tmp_path):
+    torch.manual_seed(0)
+    state = timm.create_model("test_resnet").state_dict()
+    torch.save(state, tmp_path / "really_torch.safetensors")
+    save_file(state, str(tmp_path / "really_safetensors.pth"))
+    for name in ("really_torch.safetensors", "really_safetensors.pth"):
+        loaded = load_weights_file(tmp_path / name)
+        assert all(torch.equal(loaded[k], v) for k, v in state.items()), name
 
 
 def test_in_chans_adapts_the_pretrained_stem_with_timm(tmp_path):
