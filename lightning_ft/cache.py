@@ -207,13 +207,26 @@ def random_transform_report(dataset: Dataset, probes: int = 2) -> str | None:
 
 
 def sample_fingerprint(dataset: Dataset) -> tuple[int, int, float]:
-    """``(id, length, checksum of the first and last inputs)``: a changed dataset gets a new table."""
+    """``(id, length, checksum of the first and last inputs)``: a changed dataset gets a new table.
+
+    The samples are loaded under a fixed seed (the global random states are restored afterwards), so
+    a randomly transformed dataset cached with ``allow_random_transforms`` keeps its fingerprint.
+    """
     n = len(dataset)  # type: ignore[arg-type]
     total = 0.0
-    for i in {0, n - 1} if n else ():
-        x = _first_tensor(dataset[i])
-        if x is not None:
-            total += float(x.double().sum()) + float(x.double().abs().sum()) * 1e-3
+    states = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    try:
+        for i in sorted({0, n - 1}) if n else ():
+            torch.manual_seed(0)
+            np.random.seed(0)
+            random.seed(0)
+            x = _first_tensor(dataset[i])
+            if x is not None:
+                total += float(x.double().sum()) + float(x.double().abs().sum()) * 1e-3
+    finally:
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
     return id(dataset), n, total
 
 

@@ -49,6 +49,9 @@ class FineTuneModule(L.LightningModule):
         img_size: input size for models with a fixed size (ViT position embeddings are resampled);
             for CNNs it is recorded in :attr:`data_config` so datamodules resize to it.
         feature_dim: feature width of an ``nn.Module`` backbone without ``num_features``.
+        channels_last: keep the backbone's 4-D weights and its image inputs in channels-last memory
+            format (``torch.channels_last``): about 2x faster training of EfficientNet/ResNet-style CNNs
+            on CPU (oneDNN) and faster convolutions under mixed precision on GPU. Values are unchanged.
         freeze_backbone: linear probing: backbone weights frozen for the whole run, its BatchNorm
             kept in eval mode, no graph kept through it, and it is left out of the optimizer (use
             GradualUnfreezing, not this flag, for a backbone that thaws later).
@@ -79,6 +82,7 @@ class FineTuneModule(L.LightningModule):
         in_chans: int = 3,
         img_size: int | None = None,
         feature_dim: int | None = None,
+        channels_last: bool = False,
         freeze_backbone: bool = False,
         lr: float = 1e-3,
         weight_decay: float = 0.05,
@@ -124,6 +128,9 @@ class FineTuneModule(L.LightningModule):
         else:
             raise TypeError(f"backbone must be a timm model name or an nn.Module, got {type(backbone).__name__}.")
         self.num_features = backbone_feature_dim(self.backbone, feature_dim)
+        self.channels_last = channels_last
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
         self.num_classes = num_classes
         self.head = self._make_head(head, head_kwargs)
         self.freeze_backbone = freeze_backbone
@@ -192,6 +199,8 @@ class FineTuneModule(L.LightningModule):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Unpooled backbone features (no graph through a frozen backbone)."""
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         if self.freeze_backbone:
             with torch.no_grad():
                 return backbone_features(self.backbone, x)
@@ -249,22 +258,24 @@ class FineTuneModule(L.LightningModule):
                 f"{self.num_classes}. Set num_classes to the number of classes in the data (labels 0..num_classes-1)."
             )
 
-    def _shared_step(self, batch: Any, metrics: MetricCollection, stage: str) -> torch.Tensor:
+    def _logits_and_targets(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and checked targets of an ``(x, y, ...)`` batch or of one FeatureCache served."""
         if isinstance(batch, FeatureBatch):  # served by FeatureCache: the frozen backbone's outputs
             y = batch.target.to(self.device)  # no-op for tables on the device; memory-mapped rows come from the CPU
             self._check_targets(y)
             if batch.features is not None and batch.cut is None:
-                logits = self.head(batch.features.to(self.device))
-            elif batch.features is not None:  # the frozen prefix's output: run the rest of the model from its cut
+                return self.head(batch.features.to(self.device)), y
+            if batch.features is not None:  # the frozen prefix's output: run the rest of the model from its cut
                 feats = batch.features.to(self.device)
                 with batch.cut.inject(feats):
-                    logits = self(batch.cut.placeholder_input(len(feats), self.device))
-            else:
-                logits = self(batch.images.to(self.device))
-        else:
-            x, y = batch[0], batch[1]
-            self._check_targets(y)
-            logits = self(x)
+                    return self(batch.cut.placeholder_input(len(feats), self.device)), y
+            return self(batch.images.to(self.device)), y
+        x, y = batch[0], batch[1]
+        self._check_targets(y)
+        return self(x), y
+
+    def _shared_step(self, batch: Any, metrics: MetricCollection, stage: str) -> torch.Tensor:
+        logits, y = self._logits_and_targets(batch)
         loss = F.cross_entropy(
             logits.float(), y, label_smoothing=self.hparams.label_smoothing if stage == "train" else 0.0
         )
@@ -369,8 +380,8 @@ class FineTuneModule(L.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         if dataloader_idx == 1:  # the target domain: labels for reporting, and label-free monitors
-            x, y = batch[0], batch[1]
-            logits = self(x).float()
+            logits, y = self._logits_and_targets(batch)
+            logits = logits.float()
             probs = logits.softmax(-1)
             self._update_metrics(self.val_target_metrics, probs, y)
             self._target_probs.append(probs.detach())

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_ft import FineTuneModule
 from lightning_ft.cache import FeatureBatch, random_transform_report
 from lightning_ft.callbacks import FeatureCache, GradualUnfreezing
-from lightning_ft.data import DigitsDataModule
+from lightning_ft.data import DigitsDataModule, MNISTSubsetDataModule, SourceTargetDataModule
 from tests.conftest import fast_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -185,15 +185,18 @@ def test_changed_frozen_weights_rebuild_the_tables():
 
 
 def test_resumed_cached_run_equals_the_resumed_uncached_run(tmp_path):
-    results = []
+    results, kinds = [], []
     for cache in (None, FeatureCache()):
         ckpt = ModelCheckpoint(dirpath=tmp_path / str(cache is None), save_last=True)
         _fit(cache if cache is None else FeatureCache(), epochs=2, callbacks=[ckpt], enable_checkpointing=True)
         L.seed_everything(1)
-        model = _model(freeze_backbone=True)
-        cbs = [cache] if cache is not None else []
+        model, record = _model(freeze_backbone=True), BatchKinds()
+        cbs = [*([cache] if cache is not None else []), record]
         fast_trainer(max_epochs=4, callbacks=cbs).fit(model, datamodule=_data(), ckpt_path=ckpt.last_model_path)
         results.append(model)
+        kinds.append(record.kinds)
+    assert sorted(kinds[1]) == [2, 3] and all(set(k) == {"cached"} for k in kinds[1].values())  # served, in full
+    assert all(set(k) == {"images"} for k in kinds[0].values())
     assert _max_diff(*results) < 1e-5
 
 
@@ -243,9 +246,28 @@ def test_random_augmentation_is_refused_before_any_step_and_the_random_stream_is
 
 
 def test_allow_random_transforms_caches_one_draw_with_a_warning():
-    trainer = fast_trainer(max_epochs=2, callbacks=[FeatureCache(allow_random_transforms=True)])
+    cache, record = FeatureCache(allow_random_transforms=True), BatchKinds()
+    trainer = fast_trainer(max_epochs=3, callbacks=[cache, record])
+    model = _model(freeze_backbone=True)
     with pytest.warns(UserWarning, match="caching one draw per sample"):
-        trainer.fit(_model(freeze_backbone=True), DataLoader(Noisy(), batch_size=8, shuffle=True))
+        trainer.fit(model, DataLoader(Noisy(), batch_size=8, shuffle=True))
+    assert all(set(k) == {"cached"} for k in record.kinds.values()) and len(record.kinds) == 3
+    assert cache.stats["builds"] == 1  # one draw per sample, built once, served every epoch
+
+
+def test_source_only_baseline_serves_both_validation_loaders_from_the_cache():
+    def data():
+        return SourceTargetDataModule(MNISTSubsetDataModule(limit=64), DigitsDataModule(limit=64, mnist_frame=True),
+                                      batch_size=16, source_only=True)
+
+    plain, plain_trainer, _ = _fit(None, epochs=2, data=data())
+    cache = FeatureCache()
+    cached, trainer, kinds = _fit(cache, epochs=2, data=data())
+    assert all(set(k) == {"cached"} for k in kinds.values())
+    assert cache.stats["builds"] == 3  # source train, source val, target val
+    for key in ("val/acc", "val_target/acc", "val/target_entropy", "val/label_free"):
+        assert float(trainer.callback_metrics[key]) == pytest.approx(float(plain_trainer.callback_metrics[key]), abs=1e-5)
+    assert _max_diff(plain, cached) < 1e-5
 
 
 def test_a_trainable_backbone_is_refused_at_the_start():
