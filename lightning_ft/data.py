@@ -75,6 +75,10 @@ class InMemoryImageDataModule(L.LightningDataModule):
         mean, std: per-channel normalisation; ``None`` takes the model's.
         val_fraction, test_fraction: stratified split sizes.
         limit: keep only the first ``limit`` images of each split (quick runs).
+        augment: random affine augmentation of the training split, drawn per sample and epoch:
+            rotation up to 10 degrees, translation up to 10% of the side, scale 0.9-1.1, the uncovered
+            border filled with the background (pixel value 0). Validation and test are never augmented.
+            (FeatureCache refuses randomly augmented training data: keep ``False`` for a linear probe.)
     """
 
     num_classes: int = 10
@@ -91,6 +95,7 @@ class InMemoryImageDataModule(L.LightningDataModule):
         seed: int = 0,
         limit: int | None = None,
         num_workers: int = 0,
+        augment: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -99,7 +104,7 @@ class InMemoryImageDataModule(L.LightningDataModule):
         # our own copy: hparams depend on frame inspection, which nested construction can bypass
         self.cfg = SimpleNamespace(
             image_size=image_size, channels=channels, mean=mean, std=std, val_fraction=val_fraction,
-            test_fraction=test_fraction, seed=seed, limit=limit,
+            test_fraction=test_fraction, seed=seed, limit=limit, augment=augment,
         )
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -157,6 +162,10 @@ class InMemoryImageDataModule(L.LightningDataModule):
         y = torch.as_tensor(labels, dtype=torch.long)
         data = TensorDataset(x, y)
         self.train_set, self.val_set, self.test_set = (Subset(data, idx.tolist()) for idx in (train, val, test))
+        if hp.augment:
+            cfg = self.resolved_config()
+            background = [(0.0 - m) / s for m, s in zip(cfg["mean"], cfg["std"])]  # pixel 0, normalised
+            self.train_set = RandomAffineDataset(self.train_set, background)
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
@@ -176,6 +185,24 @@ class InMemoryImageDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)
+
+
+class RandomAffineDataset(Dataset):
+    """``(image, label)`` samples of ``base`` with a random affine transform of the image, drawn per access
+    from torch's global random stream (rotation +-10 degrees, translation +-10%, scale 0.9-1.1)."""
+
+    def __init__(self, base: Dataset, fill: Sequence[float]) -> None:
+        from torchvision.transforms import v2
+
+        self.base = base
+        self.transform = v2.RandomAffine(degrees=10.0, translate=(0.1, 0.1), scale=(0.9, 1.1), fill=list(fill))
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.base[index]
+        return self.transform(x), y
 
 
 def _per_channel(values: Sequence[float], channels: int, what: str) -> tuple[float, ...]:
@@ -209,10 +236,11 @@ class DigitsDataModule(InMemoryImageDataModule):
         seed: int = 0,
         limit: int | None = None,
         num_workers: int = 0,
+        augment: bool = False,
         mnist_frame: bool = False,
     ) -> None:
         super().__init__(
-            batch_size, image_size, channels, mean, std, val_fraction, test_fraction, seed, limit, num_workers
+            batch_size, image_size, channels, mean, std, val_fraction, test_fraction, seed, limit, num_workers, augment
         )
         self.mnist_frame = mnist_frame
 
