@@ -26,9 +26,10 @@ def adapt_batchnorm(
 
     Each BatchNorm (of ``norms``; default: all of ``model``'s) is reset and run with ``momentum=None``
     (a cumulative average), so after the pass its statistics are the mean over batches of the batch
-    means and (unbiased) variances; every other module runs in eval mode. Batches may be tensors or
-    ``(x, ...)`` tuples. Modes and momenta are restored, and so are the old statistics when the pass
-    fails or sees no batch. Returns the number of batches used.
+    means and (unbiased) variances; every other module runs in eval mode. A BatchNorm that the
+    forward pass never calls (e.g. in a domain discriminator) keeps its statistics. Batches may be
+    tensors or ``(x, ...)`` tuples. Modes and momenta are restored, and so are the old statistics when
+    the pass fails or sees no batch. Returns the number of batches used.
     """
     if norms is None:
         norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -44,6 +45,8 @@ def adapt_batchnorm(
     model.eval()
     for bn in norms:
         bn.train()
+    called: set[nn.Module] = set()
+    hooks = [bn.register_forward_pre_hook(lambda m, args: called.add(m)) for bn in norms]
     used = 0
     try:
         for batch in batches:
@@ -59,8 +62,13 @@ def adapt_batchnorm(
             bn.load_state_dict(state)
         raise
     finally:
+        for h in hooks:
+            h.remove()
         for m, mode in modes.items():
             m.training = mode
         for bn, momentum in momenta.items():
             bn.momentum = momentum
+    for bn in norms:
+        if bn not in called:
+            bn.load_state_dict(saved[bn])
     return used

@@ -1,8 +1,9 @@
 """Drop-in callbacks: they work on FineTuneModule and, unchanged, on your own LightningModule."""
 
 from lightning_ft.callbacks.adaptation import DomainAdaptation
+from lightning_ft.callbacks.adapt_batchnorm import AdaptBatchNorm
 from lightning_ft.callbacks.feature_cache import FeatureCache
 from lightning_ft.callbacks.layer_decay import LayerwiseLRDecay
 from lightning_ft.callbacks.unfreezing import GradualUnfreezing, LinearProbing
 
-__all__ = ["DomainAdaptation", "FeatureCache", "GradualUnfreezing", "LayerwiseLRDecay", "LinearProbing"]
+__all__ = ["AdaptBatchNorm", "DomainAdaptation", "FeatureCache", "GradualUnfreezing", "LayerwiseLRDecay", "LinearProbing"]

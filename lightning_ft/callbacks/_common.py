@@ -11,7 +11,11 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_ft.adabn import adapt_batchnorm
 
 _SUPPORTED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
 
@@ -71,3 +75,47 @@ def batchnorm_modules(module: nn.Module) -> Iterable[tuple[str, nn.Module]]:
 
 def param_by_name(module: nn.Module) -> dict[str, torch.nn.Parameter]:
     return dict(module.named_parameters())
+
+
+def reestimate_batchnorm(
+    trainer: L.Trainer,
+    pl_module: L.LightningModule,
+    dataset: Dataset,
+    norms: list[nn.Module],
+    who: str,
+    batch_size: int = 64,
+    collate_fn: Any = None,
+    num_workers: int = 0,
+    max_batches: int | None = None,
+) -> int:
+    """AdaBN on this rank's share of ``dataset``: ``norms``' statistics become the average batch statistics.
+
+    The samples are read in order (rank ``r`` takes ``r, r + world, ...``) with the random state
+    isolated, so training sees the same data order and random stream as without the pass; the
+    module runs on the first element of each batch (the inputs), in the run's precision. Under DDP
+    the statistics are averaged over the ranks (equal shares: the mean over all batches), so every
+    rank holds the same. Returns the number of batches this rank used.
+    """
+    rank, world = trainer.global_rank, trainer.world_size
+    indices = list(range(rank, len(dataset), world))  # type: ignore[arg-type]
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, collate_fn=collate_fn, num_workers=num_workers)
+
+    def inputs() -> Any:
+        for batch in loader:
+            batch = trainer.strategy.batch_to_device(batch, pl_module.device)
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            if not isinstance(x, torch.Tensor):
+                raise ValueError(
+                    f"{who} runs the module on the first element of each batch, which is a {type(x).__name__} "
+                    "here, not a tensor of inputs."
+                )
+            yield x
+
+    with isolate_rng(), trainer.precision_plugin.forward_context():
+        used = adapt_batchnorm(pl_module, inputs(), max_batches=max_batches, norms=norms)
+    if world > 1:
+        for bn in norms:
+            for buf in (bn.running_mean, bn.running_var):
+                if buf is not None:
+                    buf.copy_(trainer.strategy.reduce(buf.clone(), reduce_op="mean"))
+    return used

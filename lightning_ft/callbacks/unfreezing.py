@@ -35,17 +35,16 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_ft.adabn import adapt_batchnorm
 from lightning_ft.backbones import LayerGroup, layer_groups
 from lightning_ft.callbacks._common import (
     batchnorm_modules,
     check_strategy,
     group_label,
     optimizer_param_ids,
+    reestimate_batchnorm,
     rewrap_ddp,
     trainable_count,
 )
@@ -487,29 +486,10 @@ class GradualUnfreezing(Callback):
                 "GradualUnfreezing(frozen_bn='recalibrate') reads the training inputs from one DataLoader of "
                 f"(inputs, ...) batches; this fit trains on {type(loader).__name__}. Use frozen_bn='eval' or 'train'."
             )
-        rank, world = trainer.global_rank, trainer.world_size
-        indices = list(range(rank, len(loader.dataset), world))  # in order: no sampler draws from the RNG
-        ordered = DataLoader(loader.dataset, batch_size=loader.batch_size or 1, sampler=indices,
-                             collate_fn=loader.collate_fn, num_workers=loader.num_workers)
-
-        def inputs() -> Any:
-            for batch in ordered:
-                batch = trainer.strategy.batch_to_device(batch, pl_module.device)
-                x = batch[0] if isinstance(batch, (list, tuple)) else batch
-                if not isinstance(x, torch.Tensor):
-                    raise ValueError(
-                        "GradualUnfreezing(frozen_bn='recalibrate') runs the module on the first element of each "
-                        f"training batch, which is a {type(x).__name__} here. Use frozen_bn='eval' or 'train'."
-                    )
-                yield x
-
-        with isolate_rng(), trainer.precision_plugin.forward_context():
-            adapt_batchnorm(pl_module, inputs(), norms=self._frozen_bn)
-        if world > 1:  # equal shares (DistributedSampler pads): the mean over ranks is the mean over batches
-            for bn in self._frozen_bn:
-                for buf in (bn.running_mean, bn.running_var):
-                    if buf is not None:
-                        buf.copy_(trainer.strategy.reduce(buf.clone(), reduce_op="mean"))
+        reestimate_batchnorm(
+            trainer, pl_module, loader.dataset, self._frozen_bn, "GradualUnfreezing(frozen_bn='recalibrate')",
+            batch_size=loader.batch_size or 1, collate_fn=loader.collate_fn, num_workers=loader.num_workers,
+        )
         self.recalibrated = True
         if self.verbose:
             rank_zero_info(
