@@ -72,3 +72,46 @@ def test_help_lists_the_options(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--test_after_fit" in result.stdout
     assert "--model.layer_decay" in result.stdout
+
+
+def test_da_config_reports_the_adabn_accuracy_of_the_label_free_checkpoint(tmp_path: Path) -> None:
+    """configs/dann.yaml (DomainAdaptation + AdaptBatchNorm + ModelCheckpoint on val/label_free) through
+    the console script: the printed test accuracy is that of the label-free checkpoint, whose BatchNorm
+    statistics are AdaBN's on the target training inputs."""
+    import torch
+
+    from lightning_ft import FineTuneModule
+    from lightning_ft.adabn import adapt_batchnorm
+    from lightning_ft.data import DigitsDataModule, MNISTSubsetDataModule, SourceTargetDataModule
+
+    root = tmp_path / "run"
+    result = lightning_ft("fit", "--config", str(REPO / "configs" / "dann.yaml"), *tiny(root), cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    printed = float(result.stdout.split("test accuracy:")[1].split()[0])
+    (best,) = [p for p in root.rglob("*.ckpt") if p.name != "last.ckpt"]  # one validation: one best checkpoint
+    ckpt = torch.load(best, weights_only=True)
+    assert any("label_free" in str(k) for k in ckpt["callbacks"])  # chosen by the label-free monitor
+    train_stats = next(v for k, v in ckpt["callbacks"].items() if k.startswith("AdaptBatchNorm"))["train_stats"]
+
+    model = FineTuneModule.load_from_checkpoint(best, weights_only=True).eval()
+    cfg = model.data_config
+    fixed = dict(image_size=cfg["input_size"][-1], channels=cfg["input_size"][0], mean=cfg["mean"], std=cfg["std"])
+    dm = SourceTargetDataModule(MNISTSubsetDataModule(**fixed), DigitsDataModule(mnist_frame=True, **fixed),
+                                batch_size=16, limit=64)
+    dm.setup("fit")
+    # the checkpoint's statistics are AdaBN's: recompute them from the training statistics it also keeps
+    adapted = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+    norms = dict(model.named_modules())
+    for name, buffers in train_stats.items():
+        if name in norms:
+            norms[name].load_state_dict({**norms[name].state_dict(), **buffers})
+    assert any(not torch.equal(adapted[k], model.state_dict()[k]) for k in adapted)  # they were other statistics
+    target = [dm.target_train[i][0] for i in range(len(dm.target_train))]
+    adapt_batchnorm(model, [torch.stack(target[i:i + 16]) for i in range(0, len(target), 16)])
+    for k, v in adapted.items():
+        assert torch.allclose(model.state_dict()[k], v, rtol=1e-4, atol=1e-5), k
+    # and the printed accuracy is that model's on the target test split ("1" parses as 1.0: every test batch)
+    x, y = (torch.stack(t) for t in zip(*[dm.target.test_set[i] for i in range(len(dm.target.test_set))]))
+    with torch.no_grad():
+        acc = (model(x).argmax(-1) == y).float().mean().item()
+    assert printed == pytest.approx(acc, abs=5e-5)
