@@ -193,6 +193,9 @@ class FeatureCache(Callback):
         for split, loader in loaders:
             self._patch(loader, split)
         self._take_over_live_iterators(trainer)
+        # callbacks whose on_train_start runs after this one may change frozen weights or statistics
+        # (GradualUnfreezing(frozen_bn="recalibrate")): check again before the first step
+        self._dirty = True
 
     def _choose_cut(self) -> tuple[PrefixCut | None, str]:
         """``(None, "")``: cache the head's inputs; ``(cut, "")``: cache the frozen prefix up to ``cut``;

@@ -436,7 +436,8 @@ class GradualUnfreezing(Callback):
         """
         later = {n for phase in self._phases for n in phase}
         named = list(pl_module.named_parameters())
-        missing = [n for n, p in named if n in later and id(p) not in optimizer_param_ids(trainer)]
+        in_optimizer = optimizer_param_ids(trainer)
+        missing = [n for n, p in named if n in later and id(p) not in in_optimizer]
         if not missing:
             return
         groups = [g for opt in trainer.optimizers for g in opt.param_groups]

@@ -147,6 +147,20 @@ def test_a_thaw_at_a_mid_epoch_validation_serves_the_prefetched_batch_right(thaw
     assert _max_diff(plain, cached) < 1e-5
 
 
+@pytest.mark.parametrize("order", ["cache_first", "cache_last"])
+def test_batchnorm_recalibrated_at_train_start_is_what_the_cache_serves(order):
+    def unfreezing():
+        return GradualUnfreezing(milestones={0: ["head"]}, frozen_bn="recalibrate", verbose=False)
+
+    plain, _, _ = _fit(None, model=_model(), callbacks=[unfreezing()])
+    cache = FeatureCache()
+    callbacks = [cache, unfreezing()] if order == "cache_first" else [unfreezing(), cache]
+    cached, _, kinds = _fit(None, model=_model(), callbacks=callbacks)
+    assert all(set(k) == {"cached"} for k in kinds.values())
+    assert cache.stats["builds"] == (4 if order == "cache_first" else 2)  # built before the recalibration: again
+    assert _max_diff(plain, cached) < 1e-5
+
+
 def test_frozen_weights_changed_mid_epoch_rebuild_the_tables_and_move_the_prefetched_batch():
     class NudgeMidEpoch(Callback):  # at the first mid-epoch validation, after the next batch was prefetched
         def on_validation_end(self, trainer, pl_module):
