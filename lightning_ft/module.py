@@ -398,13 +398,19 @@ class FineTuneModule(L.LightningModule):
             return
         probs = torch.cat(self._target_probs)
         self._target_probs = []
-        ent = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
-        mean = probs.mean(0)
+        # sums over the whole target split (all ranks): the marginal of IM is not a mean of per-rank scores
+        sums = torch.cat([-(probs * probs.clamp_min(1e-12).log()).sum().reshape(1), probs.sum(0),
+                          probs.new_tensor([float(len(probs))])])
+        if self._trainer is not None and self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        count = sums[-1]
+        ent = sums[0] / count
+        mean = sums[1:-1] / count
         diversity = -(mean * mean.clamp_min(1e-12).log()).sum()
-        im = (diversity - ent) / torch.log(torch.tensor(float(self.num_classes)))
+        im = (diversity - ent) / torch.log(torch.tensor(float(self.num_classes), device=ent.device))
         # label-free: mean target entropy (low = confident), information maximisation (high = confident
         # and diverse), and source accuracy + IM, the default label-free model-selection score
-        self.log("val/target_entropy", ent, sync_dist=True)
+        self.log("val/target_entropy", ent, sync_dist=True)  # the same on every rank already
         self.log("val/target_im", im, sync_dist=True)
         source_acc = source.get("val/acc")
         if source_acc is not None:

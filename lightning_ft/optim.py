@@ -189,15 +189,13 @@ def align_scheduler(scheduler: Any, optimizer: Optimizer) -> None:
         scheduler.base_lrs = [g["initial_lr"] for g in groups]
         scheduler._last_lr = [g["lr"] for g in groups]
         return
-    if isinstance(scheduler, CyclicLR):
-        base, top = list(scheduler.base_lrs), list(scheduler.max_lrs)
-        if len(set(base)) == 1 and len(set(top)) == 1 and len(set(scales)) > 1:
-            scheduler.base_lrs = [b * s for b, s in zip(base, scales)]
-            scheduler.max_lrs = [m * s for m, s in zip(top, scales)]
-            for g, b in zip(groups, scheduler.base_lrs):
-                g["lr"] = b
-                g["initial_lr"] = b
-            scheduler._last_lr = [g["lr"] for g in groups]
+    if isinstance(scheduler, CyclicLR):  # base_lr and max_lr: each scaled when given as one value
+        scheduler.base_lrs = _follow_decay(list(scheduler.base_lrs), scales, "CyclicLR", "base_lr")
+        scheduler.max_lrs = _follow_decay(list(scheduler.max_lrs), scales, "CyclicLR", "max_lr")
+        for g, b in zip(groups, scheduler.base_lrs):
+            g["lr"] = b
+            g["initial_lr"] = b
+        scheduler._last_lr = [g["lr"] for g in groups]
         return
     if isinstance(scheduler, LRScheduler):
         base = getattr(scheduler, "base_lrs", None)
@@ -213,6 +211,18 @@ def _ratios_hold(values: Sequence[float], scales: Sequence[float], rel: float = 
     top = max(range(len(scales)), key=lambda i: scales[i])
     ref = values[top] / scales[top] if scales[top] else 0.0
     return all(math.isclose(v, ref * s, rel_tol=rel, abs_tol=1e-12) for v, s in zip(values, scales))
+
+
+def _follow_decay(values: list[float], scales: list[float], what: str, arg: str) -> list[float]:
+    """``values`` if they follow the groups' scales already, one value times each scale, else an error."""
+    if _ratios_hold(values, scales):
+        return values
+    if len(set(values)) == 1:
+        return [v * s for v, s in zip(values, scales)]
+    raise ValueError(
+        f"{what} was given per-group {arg} values {values[:4]}... that do not follow layer-wise lr decay. "
+        f"Give one scalar {arg} (the head's); it is scaled per group."
+    )
 
 
 def _rescale(groups: list[dict[str, Any]], scales: list[float], keys: Sequence[str], what: str, arg: str) -> None:

@@ -79,7 +79,7 @@ class LayerwiseLRDecay(Callback):
             layer_groups(pl_module, head=self.head)  # fail early: no head / bad head names
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        optimizers = list(trainer.optimizers)
+        optimizers = [opt for opt in trainer.optimizers if type(opt).__name__ != "_MockOptimizer"]  # Lightning's stand-in
         if not optimizers:
             raise ValueError("LayerwiseLRDecay needs an optimizer: configure_optimizers returned none.")
         if any("lr_scale" in g for opt in optimizers for g in opt.param_groups):

@@ -1,11 +1,15 @@
 """DomainAdaptation on FineTuneModule and on a user's module: losses bound, scheduled, logged, checked."""
 
+import math
+
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import CombinedLoader
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ft import FineTuneModule
 from lightning_ft.callbacks import DomainAdaptation
@@ -190,3 +194,122 @@ def test_a_resumed_run_continues_the_weight_and_reversal_schedules_exactly(tmp_p
     assert {s: resumed[s] for s in resumed} == {s: whole[s] for s in resumed}  # the same values, step for step
     last = max(whole)  # and they are the ramp of the progress, not a restart from zero
     assert whole[last][1] == pytest.approx(grl_coefficient((last - 1) / total))
+
+
+class _TinyPair(L.LightningDataModule):
+    """Random 16x16 source images and shifted, rescaled target images, batched like SourceTargetDataModule
+    (a ``{"source", "target"}`` CombinedLoader); 8 source and 6 target images a step, 3 steps an epoch."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.source_train = TensorDataset(torch.randn(24, 1, 16, 16, generator=g), torch.arange(24) % 10)
+        self.target_train = TensorDataset(0.5 * torch.randn(18, 1, 16, 16, generator=g) + 1.0, torch.arange(18) % 10)
+
+    def train_dataloader(self):
+        return CombinedLoader({"source": DataLoader(self.source_train, batch_size=8),
+                               "target": DataLoader(self.target_train, batch_size=6)}, mode="max_size_cycle")
+
+
+def _small_model():
+    torch.manual_seed(0)
+    return FineTuneModule("test_resnet", num_classes=10, in_chans=1, img_size=16)
+
+
+@pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
+def test_total_loss_is_the_classification_loss_plus_the_weighted_adaptation_losses_at_each_step():
+    """train/total_loss (and the loss the step returns) == train/loss + sum_i w_i(step) * da/<loss_i>, with
+    w_i the DANN ramp 2 / (1 + exp(-10 p)) - 1 of the progress p = step / total steps, written out here."""
+    weights = {"mmd": 2.0, "coral": 0.5}
+
+    class Record(L.Callback):
+        def __init__(self):
+            self.rows = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.step = trainer.global_step  # the step the training_step runs at
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            m = trainer.callback_metrics
+            self.rows.append((self.step, float(outputs["loss"]), float(m["train/total_loss"]),
+                              float(m["train/loss_step"]), {k: float(m[f"da/{k}_step"]) for k in weights}))
+
+    record = Record()
+    trainer = fast_trainer(max_epochs=2, log_every_n_steps=1, callbacks=[DomainAdaptation(weights), record])
+    trainer.fit(_small_model(), datamodule=_TinyPair())
+    total_steps = trainer.estimated_stepping_batches
+    assert [row[0] for row in record.rows] == list(range(6)) == list(range(total_steps))
+    for step, returned, total, loss, values in record.rows:
+        ramp = 2.0 / (1.0 + math.exp(-10.0 * step / total_steps)) - 1.0
+        expected = loss + sum(ramp * w * values[k] for k, w in weights.items())
+        assert total == pytest.approx(expected, rel=1e-5), step
+        assert returned == pytest.approx(expected, rel=1e-5), step
+        if step > 0:  # the adaptation terms are a visible part of the total
+            assert total - loss > 1e-3 * abs(loss)
+
+
+class _BatchNormProbe(L.Callback):
+    """Every training-mode BatchNorm2d call of the backbone in the first step: its input and the batch mean it
+    normalised with, read back from the running-mean update ``new = (1 - momentum) old + momentum batch_mean``
+    (timm's BatchNormAct2d returns the activation, not the normalised values)."""
+
+    def __init__(self):
+        self.calls = []
+        self.recording = False
+
+    def on_fit_start(self, trainer, pl_module):
+        for name, module in pl_module.backbone.named_modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.register_forward_pre_hook(self._before)
+                module.register_forward_hook(lambda mod, args, out, name=name: self._after(name, mod, args))
+
+    def _before(self, module, args):
+        module._probe_running_mean = module.running_mean.clone()
+
+    def _after(self, name, module, args):
+        if self.recording and module.training:
+            used = (module.running_mean - (1 - module.momentum) * module._probe_running_mean) / module.momentum
+            self.calls.append((name, args[0].detach(), used.detach().clone()))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.recording = batch_idx == 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.recording = False
+
+
+def _bn_calls(forward):
+    probe = _BatchNormProbe()
+    cb = DomainAdaptation({"mmd": 1.0}, forward=forward)
+    model = _small_model()
+    names = [name for name, m in model.backbone.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    fast_trainer(max_steps=1, callbacks=[cb, probe]).fit(model, datamodule=_TinyPair())
+    return probe.calls, names
+
+
+def _channel_mean(x):
+    return x.mean(dim=(0, 2, 3))
+
+
+@pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
+def test_separate_forward_normalises_each_domain_with_its_own_batchnorm_statistics():
+    calls, names = _bn_calls("separate")
+    assert [name for name, *_ in calls] == names + names  # every BatchNorm: one call per domain
+    for i, (name, x, used) in enumerate(calls):
+        assert len(x) == (8 if i < len(names) else 6), name  # 8 source images, then 6 target images, never mixed
+        assert torch.allclose(used, _channel_mean(x), atol=1e-4), name  # that domain's statistics alone
+
+
+@pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
+def test_joint_forward_mixes_the_domains_batchnorm_statistics():
+    calls, names = _bn_calls("joint")
+    assert [name for name, *_ in calls] == names  # one call per BatchNorm, on both domains at once
+    mixed = 0
+    for name, x, used in calls:
+        assert len(x) == 14, name
+        assert torch.allclose(used, _channel_mean(x), atol=1e-4), name  # the statistics of all 14 images ...
+        source, target = _channel_mean(x[:8]), _channel_mean(x[8:])
+        if float((source - target).abs().max()) > 0.05:  # ... which, where the domains differ, are neither's own
+            assert not torch.allclose(used, source, atol=1e-2) and not torch.allclose(used, target, atol=1e-2), name
+            mixed += 1
+    assert mixed == len(names)  # the domains differ at every BatchNorm layer here

@@ -178,7 +178,25 @@ def test_base_config_fits_and_tests(
         assert g["lr"] == pytest.approx(head_lr * decay**k, rel=1e-9), g["name"]
         assert g["initial_lr"] == pytest.approx(hp.lr * decay**k, rel=1e-9), g["name"]
     if hp.layer_decay is not None:
-        depth = {g["layer_id"] for g in groups}
-        assert depth == set(range(head_id + 1)) and head_id >= 10
+        # the depth map counted here from the architecture, not from the library's layer ids (which, all on
+        # the head's id, would pass the ratio check above)
+        levels = _levels_from_architecture(model.backbone)
+        depth = len(levels)
+        assert {g["layer_id"] for g in groups} == set(range(depth)) and head_id == depth - 1
+        for g in groups:
+            assert g["layer_id"] == levels.index(g["name"].removesuffix("/no_decay").split("+")[0]), g["name"]
         stem = next(g for g in groups if g["name"] == "stem")
-        assert stem["lr"] / head_lr == pytest.approx(hp.layer_decay**head_id)
+        assert stem["lr"] / head_lr == pytest.approx(hp.layer_decay ** (depth - 1), rel=1e-9)
+
+
+def _levels_from_architecture(backbone: torch.nn.Module) -> list[str]:
+    """Depth levels of a headless timm CNN, as timm's ``group_matcher(coarse=False)`` defines them: the stem,
+    one level per block (EfficientNet: ``blocks.i.j``, the last one with ``conv_head``/``bn2``; ResNet:
+    ``layeri.j``), then the head."""
+    if hasattr(backbone, "blocks") and hasattr(backbone, "conv_stem"):
+        blocks = [f"blocks.{i}.{j}" for i, stage in enumerate(backbone.blocks) for j in range(len(stage))]
+    elif hasattr(backbone, "layer4"):
+        blocks = [f"layer{i}.{j}" for i in range(1, 5) for j in range(len(getattr(backbone, f"layer{i}")))]
+    else:
+        raise AssertionError(f"count the depth levels of {type(backbone).__name__} here for its layer-decay check")
+    return ["stem", *blocks, "head"]

@@ -183,3 +183,54 @@ def test_optimizer_over_trainable_params_only_keeps_its_curve_and_thaws_at_the_h
         assert all(lr == lrs[head] for lr in lrs.values())  # thawed params step at the head's lr
     state = trainer.optimizers[0].state
     assert int(state[module.body[0].weight]["step"]) == (EPOCHS - 2) * 4
+
+
+FT_MILESTONES = {1: ["layer4.0"], 2: ["layer3.0", "layer2.0"], 3: "all"}
+FT_LEVELS = ["stem", "layer1.0", "layer2.0", "layer3.0", "layer4.0", "head"]  # test_resnet, stem first
+FT_SCHEDULERS = {  # FineTuneModule(lr_scheduler=...): a callable taking the optimizer (lengths and max_lr filled in)
+    "default_warmup_cosine": None,
+    "one_cycle": partial(S.OneCycleLR, max_lr=0.02),
+    "cosine": partial(S.CosineAnnealingLR),
+    "linear": partial(S.LinearLR, start_factor=0.1, total_iters=6),
+    "cyclic": partial(S.CyclicLR, base_lr=1e-4, max_lr=0.02, step_size_up=3, cycle_momentum=False),
+}
+
+
+def _ft_run(name, unfreeze):
+    torch.manual_seed(0)
+    model = FineTuneModule("test_resnet", num_classes=3, lr=0.02, layer_decay=DECAY, warmup=0.25,
+                           lr_scheduler=FT_SCHEDULERS[name])
+    recorder, stepped = LrRecorder(), []
+
+    class Stepped(L.Callback):  # the groups whose parameters got a gradient, per step
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            stepped.append({g["name"].removesuffix("/no_decay") for g in optimizer.param_groups
+                            if any(p.grad is not None for p in g["params"])})
+
+    callbacks = [recorder, Stepped()]
+    if unfreeze:
+        callbacks.insert(0, GradualUnfreezing(milestones=FT_MILESTONES, verbose=False))
+    trainer = fast_trainer(max_epochs=EPOCHS, callbacks=callbacks, limit_val_batches=0)
+    trainer.fit(model, random_loader(n=32, batch=8, size=16))
+    return recorder.steps, stepped, model
+
+
+@pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
+@pytest.mark.parametrize("name", sorted(FT_SCHEDULERS))
+def test_finetunemodule_layer_decay_with_gradual_unfreezing_keeps_every_groups_curve(name):
+    """FineTuneModule(layer_decay=..., lr_scheduler=...) + GradualUnfreezing(milestones=...): each group's lr at
+    every step equals the lr it has in the same run with every group training from the start."""
+    reference, stepped_ref, _ = _ft_run(name, unfreeze=False)
+    got, stepped, model = _ft_run(name, unfreeze=True)
+    assert len(got) == len(reference) == EPOCHS * 4
+    assert got == reference  # same names, same lrs, bitwise, at every step
+    for step in got:  # and the curve is layer-decayed: head * DECAY**k, k counted from the architecture
+        lrs = dict(step)
+        for k, level in enumerate(reversed(FT_LEVELS)):
+            assert lrs[level] == pytest.approx(lrs["head"] * DECAY**k, rel=1e-9), level
+    assert len({dict(s)["head"] for s in got}) > 1  # the scheduler moved
+    # the run did thaw on the milestones: head, then layer4.0, then layer3.0 + layer2.0, then everything
+    phases = [{"head"}, {"head", "layer4.0"}, {"head", "layer4.0", "layer3.0", "layer2.0"}, set(FT_LEVELS)]
+    assert stepped == [phases[step // 4] for step in range(EPOCHS * 4)]
+    assert all(s == set(FT_LEVELS) for s in stepped_ref)
+    assert all(p.requires_grad for p in model.parameters())

@@ -29,8 +29,27 @@ def test_digits_resized_and_normalised_with_explicit_config():
     assert x.shape[1:] == (3, 16, 16) and y.dtype == torch.long
     assert x.min() >= -2.0 - 1e-6 and x.max() <= 2.0 + 1e-6  # (v - 0.5) / 0.25 with v in [0, 1]
     assert len(dm.train_set) + len(dm.val_set) + len(dm.test_set) == 1797
+    # known pixels, exactly (raw [0, 1] pixels would pass the range check above, not these):
+    # the digits' top-left corner is background (0) in every image -> (0 - 0.5) / 0.25; full ink (1) -> 2
+    raw, _ = dm.load_arrays()
+    assert (raw[:, 0, 0] == 0).all() and raw.max() == 1.0
+    everything = dm.train_set.dataset.tensors[0]
+    assert torch.equal(everything[:, :, 0, 0], torch.full((1797, 3), -2.0))
+    assert float(everything.min()) == -2.0 and float(everything.max()) == 2.0
 
 
+def test_digits_at_their_own_size_are_exactly_the_normalised_raw_pixels():
+    dm = DigitsDataModule(image_size=8, channels=3, mean=(0.5,), std=(0.25,), limit=20)
+    dm.setup()
+    raw, labels = dm.load_arrays()
+    for split in (dm.train_set, dm.val_set, dm.test_set):
+        for position, index in enumerate(split.indices):
+            x, y = split[position]
+            expected = (np.repeat(raw[index][None], 3, axis=0) - 0.5) / 0.25  # the same value in each channel
+            assert np.array_equal(x.numpy(), expected.astype(np.float32)) and int(y) == labels[index]
+
+
+@pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 def test_digits_follow_the_models_data_config():
     model = FineTuneModule("test_resnet", num_classes=10, in_chans=1, img_size=24)
     dm = DigitsDataModule(limit=16, batch_size=8)
@@ -40,6 +59,13 @@ def test_digits_follow_the_models_data_config():
     assert cfg["image_size"] == 24 and cfg["channels"] == 1
     assert cfg["mean"] == pytest.approx((sum(model.backbone.pretrained_cfg["mean"]) / 3,))
     assert dm.train_set[0][0].shape == (1, 24, 24)
+    # the model's statistics reached the pixels: background (0) and full ink (1), exactly normalised
+    mean = sum(model.backbone.pretrained_cfg["mean"]) / 3  # one channel: the RGB statistics averaged
+    std = sum(model.backbone.pretrained_cfg["std"]) / 3
+    images = dm.train_set.dataset.tensors[0]
+    assert images[:, 0, 0, 0].tolist() == pytest.approx([(0.0 - mean) / std] * len(images), rel=1e-6)
+    assert float(images.max()) == pytest.approx((1.0 - mean) / std, rel=1e-6)
+    assert float(images.min()) == pytest.approx((0.0 - mean) / std, rel=1e-6)
 
 
 def test_mnist_frame_puts_digits_in_a_20px_box_on_a_28px_canvas():
