@@ -224,7 +224,8 @@ class FeatureCache(Callback):
         if len(loaders) != 1 or not isinstance(loaders[0], DataLoader):
             raise ValueError(
                 "FeatureCache serves one training DataLoader of (inputs, labels) batches; this run trains on "
-                f"{len(loaders)} loader(s) ({', '.join(type(x).__name__ for x in loaders)})."
+                f"{len(loaders)} loader(s) ({', '.join(type(x).__name__ for x in loaders)}). Train on one DataLoader "
+                "(e.g. concatenate the datasets), or drop FeatureCache for this fit."
             )
         self._train_loader = loaders[0]
         out = [("train", loaders[0])]

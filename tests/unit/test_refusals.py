@@ -178,6 +178,6 @@ def test_feature_cache_refuses_several_training_loaders_and_counts_them():
     trainer = fast_trainer(max_steps=1, callbacks=[FeatureCache()])
     loaders = {"a": random_loader(n=8, size=16), "b": random_loader(n=8, size=16, seed=1)}
     with pytest.raises(ValueError, match=r"FeatureCache serves one training DataLoader of \(inputs, labels\) batches; "
-                                         r"this run trains on 2 loader\(s\) \(DataLoader, DataLoader\)"):
+                                         r"this run trains on 2 loader\(s\) \(DataLoader, DataLoader\)\. Train on one DataLoader"):
         trainer.fit(model, loaders)
     assert trainer.global_step == 0
