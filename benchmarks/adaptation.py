@@ -16,6 +16,9 @@ target accuracy over all epochs of all runs.
     python benchmarks/adaptation.py --quick              # a few steps: checks that it runs
     python benchmarks/adaptation.py --methods MMD --save mmd.json   # runs in parallel processes, then
     python benchmarks/adaptation.py --combine *.json                 # one table from their saved runs
+
+If a run fails (the example raises or exits), the other runs still go on, the tables show what they
+measured, a ``FAILED`` line names the method, the seed and the error, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import io
 import json
 import runpy
 import statistics
+import sys
+import traceback
 from pathlib import Path
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "domain_adaptation.py"
@@ -40,7 +45,7 @@ METHODS = {  # name -> example arguments (every run also reports its checkpoint 
 }
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -53,18 +58,26 @@ def main(argv: list[str] | None = None) -> None:
         runs = [r for path in args.combine for r in json.loads(open(path).read())["runs"]]
         epochs = {json.loads(open(path).read())["epochs"] for path in args.combine}
         report(runs, f"{', '.join(map(str, sorted(epochs)))} epochs")
-        return
+        return 0
     run = runpy.run_path(str(EXAMPLE))["main"]
     seeds = args.seeds[:1] if args.quick else args.seeds
     methods = args.methods[:2] if args.quick else args.methods
     runs = []
+    failed: list[str] = []
     for name in methods:
         for seed in seeds:
             extra = ["--quick"] if args.quick else ["--epochs", str(args.epochs)]
-            with contextlib.redirect_stdout(io.StringIO()):
-                result = run([*METHODS[name], "--adabn", "--seed", str(seed), *extra])
-            runs.append({"method": name, "seed": seed, "acc": float(result["test/acc"]),
-                         "acc_adabn": float(result["test/acc_adabn"]), "history": result["history"]})
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    result = run([*METHODS[name], "--adabn", "--seed", str(seed), *extra])
+                record = {"method": name, "seed": seed, "acc": float(result["test/acc"]),
+                          "acc_adabn": float(result["test/acc_adabn"]), "history": result["history"]}
+            except (Exception, SystemExit) as err:  # noqa: BLE001 -- argparse exits on a bad argument
+                traceback.print_exc()
+                failed.append(f"{name} seed {seed}: {type(err).__name__}: {err}")
+                print(f"{name:22s} seed {seed}: FAILED: {type(err).__name__}: {err}", flush=True)
+                continue
+            runs.append(record)
             curve = " ".join(f"{e.get('val_target/acc', float('nan')):.3f}" for e in result["history"])
             print(f"{name:22s} seed {seed}: target test acc {runs[-1]['acc']:.4f}, after AdaBN "
                   f"{runs[-1]['acc_adabn']:.4f}  (target val acc by half-epoch: {curve})", flush=True)
@@ -72,6 +85,12 @@ def main(argv: list[str] | None = None) -> None:
                 with open(args.save, "w") as fh:
                     json.dump({"epochs": 1 if args.quick else args.epochs, "runs": runs}, fh)
     report(runs, f"{1 if args.quick else args.epochs} epochs")
+    if failed:
+        print(f"\nFAILED: {len(failed)} run(s):")
+        for f in failed:
+            print(f"FAILED: {f}")
+        return 1
+    return 0
 
 
 def report(runs: list[dict], budget: str) -> None:
@@ -142,4 +161,4 @@ def print_selection(histories: list[list[dict[str, float]]]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

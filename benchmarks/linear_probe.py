@@ -18,6 +18,10 @@ LightningModule doing the same (no metrics, no logging): what no Lightning-based
     python benchmarks/linear_probe.py --scales 1 2 4 --epochs 5 --tools ours plain   # benchmark 4: data size
     python benchmarks/linear_probe.py --image-size 160 --tools ours     # a dearer forward pass
     python benchmarks/linear_probe.py --quick                           # a few steps: checks that it runs
+
+If a measurement fails (a tool's fit or test raises, or the forward pass or a floor does), the rest
+still runs and prints, a ``FAILED`` line names what failed and the error, and the exit status is 1.
+finetuning-scheduler, when it is not installed, is skipped with a note (exit status 0).
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ import importlib.util
 import logging
 import os
 import statistics
+import sys
 import tempfile
 import time
+import traceback
 import warnings
 from typing import Any
 
@@ -209,7 +215,7 @@ def run(tool: str, dm: DigitsDataModule, args: argparse.Namespace, tmp: str) -> 
     return timer.seconds, whole, acc, float(cache.stats["build_seconds"]) if tool == "ours" else 0.0
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--scales", type=int, nargs="+", default=[1])
@@ -223,28 +229,56 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "finetuning_scheduler"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    tools = [t for t in args.tools if t != "fts" or importlib.util.find_spec("finetuning_scheduler")]
+    tools = list(dict.fromkeys(args.tools))
+    notes: list[str] = []
+    if "fts" in tools and importlib.util.find_spec("finetuning_scheduler") is None:
+        tools.remove("fts")
+        notes.append("finetuning-scheduler is not installed: skipped (pip install finetuning-scheduler).")
+    failed: list[str] = []
+
+    def attempt(what: str, fn: Any, *fn_args: Any) -> Any:
+        """fn(*fn_args), or None after a FAILED line (and the traceback on stderr) if it raises."""
+        try:
+            return fn(*fn_args)
+        except Exception as err:  # noqa: BLE001 -- reported, counted, and the exit status says so
+            traceback.print_exc()
+            failed.append(f"{what}: {type(err).__name__}: {err}")
+            print(f"  FAILED: {what}: {type(err).__name__}: {err}", flush=True)
+            return None
+
     print(f"torch threads: {torch.get_num_threads()}, epochs: {args.epochs}, {args.image_size} px, "
           f"tools: {', '.join(tools)}")
+    for note in notes:
+        print(note)
     rows = []
     for scale in args.scales:
         dm = TiledDigits(scale=scale, batch_size=32, image_size=args.image_size, channels=1, mean=(0.449,), std=(0.226,),
                          limit=96 if args.quick else None)
         dm.setup("fit")
-        fwd, splits = forward_pass(dm)
+        measured = attempt(f"one no-grad forward pass (scale {scale}x)", forward_pass, dm)
+        if measured is None:
+            continue  # every ratio of this scale is to the forward pass
+        fwd, splits = measured
         n_train, n_val = len(dm.train_set), len(dm.val_set)
         print(f"\nscale {scale}x: {n_train} train + {n_val} val images; one no-grad forward pass: {fwd:.2f} s", flush=True)
-        loop = statistics.median(head_loop_seconds(splits, args.epochs, args.lr) for _ in range(3))
-        print(f"  floor: one forward pass + a hand-written PyTorch head loop ({args.epochs} epochs on feature tensors, "
-              f"{loop:.2f} s) = {(fwd + loop) / fwd:.2f} x forward pass", flush=True)
+        loop = attempt(f"hand-written PyTorch head loop (scale {scale}x)",
+                       lambda: statistics.median(head_loop_seconds(splits, args.epochs, args.lr) for _ in range(3)))
+        if loop is not None:
+            print(f"  floor: one forward pass + a hand-written PyTorch head loop ({args.epochs} epochs on feature tensors, "
+                  f"{loop:.2f} s) = {(fwd + loop) / fwd:.2f} x forward pass", flush=True)
         steps = args.epochs * len(dm.train_dataloader())
-        light = statistics.median(lightning_head_seconds(splits, args.epochs, args.lr) for _ in range(3))
-        print(f"  Lightning floor: one forward pass + a minimal LightningModule training the head on the feature "
-              f"tensors ({light:.2f} s, {light / steps * 1e3:.2f} ms per step) = {(fwd + light) / fwd:.2f} x forward "
-              "pass", flush=True)
+        light = attempt(f"minimal LightningModule head fit (scale {scale}x)",
+                        lambda: statistics.median(lightning_head_seconds(splits, args.epochs, args.lr) for _ in range(3)))
+        if light is not None:
+            print(f"  Lightning floor: one forward pass + a minimal LightningModule training the head on the feature "
+                  f"tensors ({light:.2f} s, {light / steps * 1e3:.2f} ms per step) = {(fwd + light) / fwd:.2f} x forward "
+                  "pass", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             for tool in tools:
-                fit_s, whole_s, acc, build_s = run(tool, dm, args, tmp)
+                measured = attempt(f"{tool} (scale {scale}x)", run, tool, dm, args, tmp)
+                if measured is None:
+                    continue
+                fit_s, whole_s, acc, build_s = measured
                 rows.append((scale, tool, fwd, fit_s, whole_s, acc))
                 build = f" (cache build {build_s:.2f} s, head epochs {fit_s - build_s:.2f} s)" if tool == "ours" else ""
                 print(f"  {tool:6s} fit {fit_s:7.2f} s{build} (whole fit() {whole_s:7.2f} s)  = {fit_s / fwd:6.2f} x "
@@ -252,10 +286,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n| data | tool | {args.epochs}-epoch fit (s) | / one forward pass | ours is faster by | test acc |")
     print("| --- | --- | --- | --- | --- | --- |")
     for scale, tool, fwd, fit_s, _, acc in rows:
-        ours = next(r[3] for r in rows if r[0] == scale and r[1] == "ours") if "ours" in tools else None
+        ours = next((r[3] for r in rows if r[0] == scale and r[1] == "ours"), None)
         speed = f"{fit_s / ours:.1f}x" if ours and tool != "ours" else "-"
         print(f"| {scale}x | {tool} | {fit_s:.2f} | {fit_s / fwd:.2f} | {speed} | {acc:.4f} |")
+    if failed:
+        print(f"\nFAILED: {len(failed)} measurement(s):")
+        for f in failed:
+            print(f"FAILED: {f}")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,14 +11,21 @@ each ``k``, as GradualUnfreezing does at a transition.
 
     python benchmarks/memory.py                 # k = 0, 1, 2, 4, 8, all on 1 process, then DDP
     python benchmarks/memory.py --ks 0 1 --steps 2 --quick
+
+If a measurement fails (a ``k`` on one process raises, or a DDP rank dies), the rest still runs and
+prints, a ``FAILED`` line names what failed and the error, and the exit status is 1. A DDP rank that
+dies ends the other one (it would wait in a collective for gloo's 30-minute timeout).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import queue as queue_module
 import statistics
+import sys
 import time
+import traceback
 import warnings
 from typing import Any
 
@@ -90,12 +97,27 @@ def measure(model: nn.Module, k: int, steps: int, batch: int, rank: int = 0) -> 
     return {"k": k, "step_ms": 1e3 * statistics.median(times), "act_mib": act / 2**20, "params_with_grad": with_grad}
 
 
-def single(ks: list[int], steps: int, batch: int) -> list[dict[str, Any]]:
-    model = build()
+def single(ks: list[int], steps: int, batch: int, failed: list[str]) -> list[dict[str, Any]]:
+    """One row per k; a k that raises is reported (FAILED line, traceback on stderr), added to ``failed``, skipped."""
+
+    def report(what: str, err: Exception) -> None:
+        traceback.print_exc()
+        failed.append(f"1 process, {what}: {type(err).__name__}: {err}")
+        print(f"FAILED: 1 process, {what}: {type(err).__name__}: {err}", flush=True)
+
+    try:
+        model = build()
+    except Exception as err:  # noqa: BLE001 -- reported, counted, and the exit status says so
+        report("building the model", err)
+        return []
     out = []
     for k in ks:
-        total = set_trainable(model, k)
-        out.append(measure(model, min(k, total), steps, batch))
+        try:
+            total = set_trainable(model, k)
+            out.append(measure(model, min(k, total), steps, batch))
+        except Exception as err:  # noqa: BLE001 -- reported, counted, and the exit status says so
+            report(f"k={k}", err)
+            continue
         if torch.cuda.is_available():
             out[-1]["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -119,19 +141,36 @@ def _ddp_worker(rank: int, ks: list[int], steps: int, batch: int, port: int, que
 
 
 def ddp(ks: list[int], steps: int, batch: int) -> list[dict[str, Any]]:
+    """Rank 0's rows; RuntimeError naming the rank and its exit code if a rank dies (the other is then ended)."""
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()
     port = 29500 + os.getpid() % 1000
     procs = [ctx.Process(target=_ddp_worker, args=(r, ks, steps, batch, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    rows = queue.get()
-    for p in procs:
-        p.join()
+    rows = None
+    try:
+        while rows is None:
+            try:
+                rows = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(", ".join(f"DDP rank {r} exited with status {code}" for r, code in dead)
+                                       + " (its traceback is on stderr)") from None
+                if all(p.exitcode == 0 for p in procs) and queue.empty():
+                    raise RuntimeError("the DDP ranks exited without sending rank 0's rows") from None
+        for p in procs:
+            p.join()
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join()
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ks", type=int, nargs="+", default=[0, 1, 2, 4, 8, 17])
     parser.add_argument("--steps", type=int, default=5)
@@ -143,10 +182,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.ks, args.steps, args.batch = args.ks[:2], 1, 4
     print(f"torch threads: {torch.get_num_threads()}; batch {args.batch}; median of {args.steps} steps")
-    tables = [("1 process", single(args.ks, args.steps, args.batch))]
+    failed: list[str] = []
+    tables = [("1 process", single(args.ks, args.steps, args.batch, failed))]
     if not args.no_ddp:
-        tables.append(("DDP, 2 CPU ranks (gloo, 1 thread each), rank 0", ddp(args.ks, args.steps, args.batch)))
+        title = "DDP, 2 CPU ranks (gloo, 1 thread each), rank 0"
+        try:
+            tables.append((title, ddp(args.ks, args.steps, args.batch)))
+        except Exception as err:  # noqa: BLE001 -- reported, counted, and the exit status says so
+            failed.append(f"{title}: {type(err).__name__}: {err}")
+            print(f"FAILED: {title}: {type(err).__name__}: {err}", flush=True)
     for title, rows in tables:
+        if not rows:
+            continue
         base = rows[-1]
         print(f"\n{title}\n")
         print("| unfrozen groups | step (ms) | vs the last row | activations kept (MiB) | params with grad |")
@@ -155,7 +202,13 @@ def main(argv: list[str] | None = None) -> None:
             extra = f" (CUDA peak {r['cuda_peak_mib']:.0f} MiB)" if "cuda_peak_mib" in r else ""
             print(f"| {r['k']} | {r['step_ms']:.1f} | {r['step_ms'] / base['step_ms']:.2f} | {r['act_mib']:.1f}{extra} | "
                   f"{r['params_with_grad']} |")
+    if failed:
+        print(f"\nFAILED: {len(failed)} measurement(s):")
+        for f in failed:
+            print(f"FAILED: {f}")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,6 +9,9 @@ is reported too.
 
     python benchmarks/overhead.py              # 4 rounds x 2 epochs per arm
     python benchmarks/overhead.py --quick      # checks that it runs
+
+If an arm's run fails, the other arm still runs and prints, a ``FAILED`` line names the arm and the
+error, there is no ratio, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import sys
 import time
+import traceback
 import warnings
 from typing import Any
 
@@ -87,7 +92,7 @@ def run(arm: str, dm: DigitsDataModule, epochs: int, limit: int | None) -> StepC
     return clock
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=2)
@@ -98,24 +103,40 @@ def main(argv: list[str] | None = None) -> None:
     rounds, epochs, limit = (1, 1, 4) if args.quick else (args.rounds, args.epochs, None)
     dm = DigitsDataModule(batch_size=32, image_size=64, channels=1, mean=(0.449,), std=(0.226,))
     dm.setup("fit")
-    results: dict[str, dict[str, list[float]]] = {a: {"steps": [], "epochs": []} for a in ("plain", "callbacks")}
+    arms = ("plain", "callbacks")
+    results: dict[str, dict[str, list[float]]] = {a: {"steps": [], "epochs": []} for a in arms}
+    failed: list[str] = []
     print(f"torch threads: {torch.get_num_threads()}; {rounds} round(s) x {epochs} epoch(s) per arm, arms alternating")
     for r in range(rounds):
-        for arm in (("plain", "callbacks") if r % 2 == 0 else ("callbacks", "plain")):
-            clock = run(arm, dm, epochs, limit)
+        for arm in (arms if r % 2 == 0 else arms[::-1]):
+            try:
+                clock = run(arm, dm, epochs, limit)
+            except Exception as err:  # noqa: BLE001 -- reported, counted, and the exit status says so
+                traceback.print_exc()
+                failed.append(f"round {r} {arm}: {type(err).__name__}: {err}")
+                print(f"round {r} {arm:9s}: FAILED: {type(err).__name__}: {err}", flush=True)
+                continue
             results[arm]["steps"] += clock.steps
             results[arm]["epochs"] += clock.epochs
             print(f"round {r} {arm:9s}: median step {1e3 * statistics.median(clock.steps):.2f} ms, "
                   f"epochs {', '.join(f'{e:.2f}' for e in clock.epochs)} s", flush=True)
-    step = {a: statistics.median(v["steps"]) for a, v in results.items()}
-    epoch = {a: statistics.median(v["epochs"]) for a, v in results.items()}
+    done = [a for a in arms if results[a]["steps"] and results[a]["epochs"]]
+    step = {a: statistics.median(results[a]["steps"]) for a in done}
+    epoch = {a: statistics.median(results[a]["epochs"]) for a in done}
     print("\n| arm | median step (ms) | median epoch (s) | steps timed |")
     print("| --- | --- | --- | --- |")
-    for arm in ("plain", "callbacks"):
+    for arm in done:
         print(f"| {arm} | {1e3 * step[arm]:.2f} | {epoch[arm]:.2f} | {len(results[arm]['steps'])} |")
-    print(f"\nstep-time ratio callbacks / plain: {step['callbacks'] / step['plain']:.4f} (goal <= 1.01); "
-          f"epoch-time ratio: {epoch['callbacks'] / epoch['plain']:.4f}")
+    if len(done) == len(arms):
+        print(f"\nstep-time ratio callbacks / plain: {step['callbacks'] / step['plain']:.4f} (goal <= 1.01); "
+              f"epoch-time ratio: {epoch['callbacks'] / epoch['plain']:.4f}")
+    if failed:
+        print(f"\nFAILED: {len(failed)} run(s)" + ("" if len(done) == len(arms) else "; no ratio") + ":")
+        for f in failed:
+            print(f"FAILED: {f}")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -20,6 +20,9 @@ end the largest difference between the two arms' final weights (float tolerance:
     python benchmarks/prefix_cache.py                     # 64 px, the demo
     python benchmarks/prefix_cache.py --image-size 160    # a dearer backbone
     python benchmarks/prefix_cache.py --quick             # a few batches: checks that it runs
+
+If an arm's run fails, the other arm still runs, a ``FAILED`` line names the arm and the error,
+the table and the weight difference need both arms and are left out, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import sys
 import tempfile
 import time
+import traceback
 import warnings
 from typing import Any
 
@@ -76,7 +81,7 @@ def run(cached: bool, args: argparse.Namespace, tmp: str) -> tuple[list[float], 
     return timer.seconds, {k: v.detach().clone() for k, v in model.state_dict().items()}, cache
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs-per-phase", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=64)
@@ -92,14 +97,28 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.repeats} repeat(s)")
     times: dict[bool, list[list[float]]] = {False: [], True: []}
     weights: dict[bool, dict[str, torch.Tensor]] = {}
+    failed: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.repeats):
+        for repeat in range(args.repeats):
             for cached in (False, True):
-                seconds, weights[cached], cache = run(cached, args, tmp)
+                arm = "FeatureCache" if cached else "uncached"
+                try:
+                    seconds, weights[cached], cache = run(cached, args, tmp)
+                except Exception as err:  # noqa: BLE001 -- reported, counted, and the exit status says so
+                    traceback.print_exc()
+                    failed.append(f"{arm} (repeat {repeat}): {type(err).__name__}: {err}")
+                    print(f"FAILED: {arm} (repeat {repeat}): {type(err).__name__}: {err}", flush=True)
+                    continue
                 times[cached].append(seconds)
+                print(f"{arm} (repeat {repeat}): epochs " + ", ".join(f"{t:.2f}" for t in seconds) + " s", flush=True)
                 if cache is not None:
                     print(f"FeatureCache: {int(cache.stats['builds'])} table builds "
                           f"({cache.stats['build_seconds']:.2f} s), {int(cache.stats['cached_batches'])} cached batches")
+    if failed:
+        print(f"\nFAILED: {len(failed)} run(s); no table and no weight difference (they need both arms):")
+        for f in failed:
+            print(f"FAILED: {f}")
+        return 1
     e = args.epochs_per_phase
     print(f"\n| phase ({e} epochs) | trainable (top) | uncached | FeatureCache | speed-up |")
     print("| --- | --- | --- | --- | --- |")
@@ -112,9 +131,14 @@ def main(argv: list[str] | None = None) -> None:
     total_plain = statistics.median(sum(r) for r in times[False])
     total_ours = statistics.median(sum(r) for r in times[True])
     print(f"| all | | {total_plain:.2f} s | {total_ours:.2f} s | {total_plain / total_ours:.2f}x |")
+    if weights[True].keys() != weights[False].keys():
+        print(f"\nFAILED: the two arms' final state dicts have different keys: "
+              f"{sorted(weights[True].keys() ^ weights[False].keys())}")
+        return 1
     diff = max(float((weights[True][k].float() - v.float()).abs().max()) for k, v in weights[False].items())
-    print(f"\nlargest difference between the two arms' final weights: {diff:.2e}")
+    print(f"\nlargest difference between the two arms' final weights: {diff:.2e} ({len(weights[False])} tensors)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,6 +10,9 @@ the shipped configs run through the real CLI with the same epoch budget:
 
     python benchmarks/recipes.py                 # 3 seeds x 6 epochs (about 25 min on 2 cores)
     python benchmarks/recipes.py --quick         # 1 seed, a few steps: checks that it runs
+
+If a run fails (the CLI raises or exits), the other runs still go on, the table shows what they
+measured, a ``FAILED`` line names the recipe, the seed and the error, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,10 +53,13 @@ def run(config: str, seed: int, epochs: int, quick: bool, root: Path) -> tuple[f
             cli = run(args=args)
     finally:
         sys.argv = argv
-    return float(cli.trainer.callback_metrics["test/acc"]), time.perf_counter() - start
+    metrics = cli.trainer.callback_metrics
+    if "test/acc" not in metrics:
+        raise RuntimeError(f"the run logged no test/acc (logged: {sorted(metrics)})")
+    return float(metrics["test/acc"]), time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=6)
@@ -62,24 +69,41 @@ def main(argv: list[str] | None = None) -> None:
     seeds = args.seeds[:1] if args.quick else args.seeds
     epochs = 1 if args.quick else args.epochs
     rows = []
+    failed: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, config in RECIPES.items():
             if args.only and name not in args.only:
                 continue
             accs, times = [], []
             for seed in seeds:
-                acc, seconds = run(config, seed, epochs, args.quick, Path(tmp) / f"{config}-{seed}")
+                try:
+                    acc, seconds = run(config, seed, epochs, args.quick, Path(tmp) / f"{config}-{seed}")
+                except (Exception, SystemExit) as err:  # noqa: BLE001 -- the CLI exits on a bad config
+                    traceback.print_exc()
+                    failed.append(f"{name} (configs/{config}) seed {seed}: {type(err).__name__}: {err}")
+                    print(f"{name:20s} seed {seed}: FAILED: {type(err).__name__}: {err}", flush=True)
+                    continue
                 accs.append(acc)
                 times.append(seconds)
                 print(f"{name:20s} seed {seed}: test acc {acc:.4f} ({seconds:.0f} s)", flush=True)
-            spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            rows.append((name, config, statistics.mean(accs), spread, min(accs), max(accs), statistics.mean(times)))
+            if accs:
+                spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+                rows.append((name, config, len(accs), statistics.mean(accs), spread, min(accs), max(accs),
+                             statistics.mean(times)))
     print(f"\n{len(seeds)} seed(s), {epochs} epochs each, pretrained Lite0 at 64 px on digits (test split: 360 images)\n")
     print("| recipe | config | test accuracy (mean ± std) | min–max | time per run |")
     print("| --- | --- | --- | --- | --- |")
-    for name, config, mean, std, lo, hi, seconds in rows:
-        print(f"| {name} | `configs/{config}` | {100 * mean:.1f}% ± {100 * std:.1f} | {100 * lo:.1f}–{100 * hi:.1f} | {seconds:.0f} s |")
+    for name, config, n, mean, std, lo, hi, seconds in rows:
+        runs = "" if n == len(seeds) else f" ({n} of {len(seeds)} seeds)"
+        print(f"| {name} | `configs/{config}` | {100 * mean:.1f}% ± {100 * std:.1f}{runs} | {100 * lo:.1f}–{100 * hi:.1f} | "
+              f"{seconds:.0f} s |")
+    if failed:
+        print(f"\nFAILED: {len(failed)} run(s):")
+        for f in failed:
+            print(f"FAILED: {f}")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

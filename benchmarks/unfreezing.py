@@ -7,7 +7,13 @@ per step) for every tool; the phases start at the same epochs:
     phase 1  epochs [E, 2E)   + the upper half of the layer groups (EfficientNet-Lite0 stages 4-6, conv_head)
     phase 2  epochs [2E, 3E)  everything
 
-* ours:       ``FineTuneModule`` + ``lightning_ft.callbacks.GradualUnfreezing(milestones=...)``;
+* ours:       ``FineTuneModule`` + ``lightning_ft.callbacks.GradualUnfreezing(milestones=...)``, frozen
+  BatchNorm in eval mode with the pretrained statistics (``frozen_bn="eval"``, the default): the
+  baseline of every ratio and of every accuracy difference;
+* ours_recalibrate, ours_train_bn: the same with ``frozen_bn="recalibrate"`` (the frozen BatchNorm
+  statistics re-estimated once on the training inputs before the first step, then eval) and
+  ``frozen_bn="train"`` (frozen BatchNorm in train mode, statistics follow each batch, as
+  finetuning-scheduler does); not run unless named in ``--tools``;
 * lightning:  ``lightning.pytorch.callbacks.BackboneFinetuning`` has two phases only (head, then the
   whole ``pl_module.backbone``): its thaw is put at our last phase, so its phase 1 is still head-only;
 * fts:        ``finetuning_scheduler.FinetuningScheduler`` with an explicit schedule (parameter names,
@@ -23,8 +29,20 @@ final test accuracy. It also times a no-grad forward pass (``model.eval()``, ``t
 over the same training batches, E passes (the first one cold, as epoch 0 of a fit), and prints our
 head-only epoch time divided by it (goal: <= 1.2).
 
+With ``--seeds S [S ...]`` every tool runs once per seed (each run in its own subprocess); the seed
+also sets the DigitsDataModule's train/val/test split, so each seed is a different split as well as
+a different initialisation and batch order. The speed tables are those of the first seed; a last
+table gives, per tool, the test accuracy over the seeds (mean ± standard deviation and each seed's
+value) and its paired per-seed difference to ``ours`` (mean ± standard deviation).
+
+If any run fails (its subprocess exits non-zero or writes no result), the tables still show what
+the other runs measured, a ``FAILED`` line names the run and its error, and the exit status is 1.
+finetuning-scheduler, when it is not installed, is skipped with a note (exit status 0).
+
     .venv/bin/python benchmarks/unfreezing.py            # full mode (the README numbers)
     .venv/bin/python benchmarks/unfreezing.py --quick    # a few batches, 1 epoch per phase (< 60 s)
+    # frozen BatchNorm and accuracy (issue 11): the three frozen_bn modes and both other tools, 3 seeds
+    .venv/bin/python benchmarks/unfreezing.py --tools ours,ours_recalibrate,ours_train_bn,fts,lightning --seeds 0 1 2
 
 Nothing is written into the repository: checkpoints, FTS schedule dumps and logs go to a temporary
 directory that is removed at the end.
@@ -39,17 +57,23 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
-TOOLS = ("ours", "lightning", "fts")
+TOOLS = ("ours", "ours_recalibrate", "ours_train_bn", "lightning", "fts")
+DEFAULT_TOOLS = ("ours", "lightning", "fts")
+FROZEN_BN = {"ours": "eval", "ours_recalibrate": "recalibrate", "ours_train_bn": "train"}  # GradualUnfreezing(frozen_bn=)
 LABELS = {
     "ours": "lightning_ft GradualUnfreezing",
+    "ours_recalibrate": "lightning_ft GradualUnfreezing, frozen_bn='recalibrate'",
+    "ours_train_bn": "lightning_ft GradualUnfreezing, frozen_bn='train'",
     "lightning": "Lightning BackboneFinetuning",
     "fts": "finetuning-scheduler",
+    "forward": "no-grad forward pass",
 }
 QUICK_BATCHES = 4  # --quick: training batches per epoch (and forward batches)
 QUICK_EVAL_BATCHES = 2
@@ -197,7 +221,7 @@ def _worker(tool: str, args: argparse.Namespace, out_path: str, tmp: str) -> Non
         backbone="tf_efficientnet_lite0", pretrained="efficientnet_lite0", num_classes=10, in_chans=1, img_size=64,
         lr=args.lr, weight_decay=args.weight_decay, layer_decay=None, warmup=0.1, min_lr_ratio=0.01,
     )
-    model_cls = FineTuneModule if tool in ("ours", "forward") else HeadOptimizerModule
+    model_cls = FineTuneModule if tool in (*FROZEN_BN, "forward") else HeadOptimizerModule
     model = model_cls(**model_kwargs)
     if tool == "lightning":
         model.scheduler_cls = GrowingLambdaLR
@@ -250,10 +274,11 @@ def _worker(tool: str, args: argparse.Namespace, out_path: str, tmp: str) -> Non
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp,
         log_every_n_steps=50, **limits,
     )
-    if tool == "ours":
+    if tool in FROZEN_BN:
         from lightning_ft.callbacks import GradualUnfreezing
 
-        callbacks.append(GradualUnfreezing(monitor=None, milestones={E: [g.name for g in top], 2 * E: "all"}, verbose=False))
+        callbacks.append(GradualUnfreezing(monitor=None, milestones={E: [g.name for g in top], 2 * E: "all"},
+                                           frozen_bn=FROZEN_BN[tool], verbose=False))
     elif tool == "lightning":
         from lightning.pytorch.callbacks import BackboneFinetuning
 
@@ -300,19 +325,21 @@ def _worker(tool: str, args: argparse.Namespace, out_path: str, tmp: str) -> Non
 
 
 # ---------------------------------------------------------------------------------------- parent
-def _run_worker(tool: str, args: argparse.Namespace, tmp: str) -> tuple[dict[str, Any] | None, str]:
-    out = os.path.join(tmp, f"{tool}.json")
-    log = os.path.join(tmp, f"{tool}.log")
+def _run_worker(tool: str, seed: int, args: argparse.Namespace, tmp: str) -> tuple[dict[str, Any] | None, str]:
+    """Run one tool for one seed in its own subprocess: (its measurements, "") or (None, why it failed)."""
+    name = f"{tool}-seed{seed}"
+    out = os.path.join(tmp, f"{name}.json")
+    log = os.path.join(tmp, f"{name}.log")
     cmd = [
-        sys.executable, os.path.abspath(__file__), "--worker", tool, "--out", out, "--tmp", os.path.join(tmp, tool),
-        "--seed", str(args.seed), "--epochs-per-phase", str(args.epochs_per_phase), "--lr", str(args.lr),
+        sys.executable, os.path.abspath(__file__), "--worker", tool, "--out", out, "--tmp", os.path.join(tmp, name),
+        "--seed", str(seed), "--epochs-per-phase", str(args.epochs_per_phase), "--lr", str(args.lr),
         "--weight-decay", str(args.weight_decay),
     ] + (["--quick"] if args.quick else [])
-    os.makedirs(os.path.join(tmp, tool), exist_ok=True)
+    os.makedirs(os.path.join(tmp, name), exist_ok=True)
     busy0, kids0 = _cpu_busy_s(), resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     with open(log, "w") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=os.path.join(tmp, tool))
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=os.path.join(tmp, name))
     wall = time.perf_counter() - t0
     busy1, kids1 = _cpu_busy_s(), resource.getrusage(resource.RUSAGE_CHILDREN)
     # CPU the rest of the machine used meanwhile (cores, averaged over the run): contention check
@@ -324,9 +351,11 @@ def _run_worker(tool: str, args: argparse.Namespace, tmp: str) -> tuple[dict[str
         with open(log) as fh:
             lines = fh.read().strip().splitlines()
         errors = [ln for ln in lines if "Error" in ln or "Exception" in ln]
-        reason = errors[-1] if errors else (lines[-1] if lines else f"exit code {proc.returncode}")
+        reason = errors[-1] if errors else (lines[-1] if lines else "no output")
+        if proc.returncode == 0:
+            reason = f"no result written; {reason}"
         tail = "\n".join("    " + ln for ln in lines[-15:])
-        return None, f"{LABELS.get(tool, tool)} failed (exit {proc.returncode}): {reason}\n{tail}"
+        return None, f"exit {proc.returncode}: {reason}\n{tail}"
     with open(out) as fh:
         data = json.load(fh)
     data["process_s"] = wall
@@ -354,15 +383,29 @@ def _phase_stats(data: dict[str, Any], phase: int) -> dict[str, Any]:
     }
 
 
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _pm(values: list[float], unit: str = "") -> str:
+    mean, std = _mean_std(values)
+    return f"{mean:.1f}{unit} ± {_fmt(std, '.1f')}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_BATCHES} batches per epoch, 1 epoch per phase (CI)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="run every tool once per seed (default: just --seed); the speed tables are the first "
+                             "seed's; the seed also sets the data split")
     parser.add_argument("--epochs-per-phase", type=int, default=None, help="E (default: 2; 1 with --quick)")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW lr, every tool and every phase")
     parser.add_argument("--weight-decay", type=float, default=0.0,
                         help="AdamW weight decay (default 0: BackboneFinetuning cannot spare biases/norms, so all tools match)")
-    parser.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of " + ",".join(TOOLS))
+    parser.add_argument("--tools", default=",".join(DEFAULT_TOOLS),
+                        help="comma-separated subset of " + ",".join(TOOLS) + " (ours always runs: the baseline)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
@@ -378,63 +421,113 @@ def main(argv: list[str] | None = None) -> int:
 
     import importlib.util
 
-    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    seeds = list(dict.fromkeys(args.seeds if args.seeds is not None else [args.seed]))  # in order, no repeats
+    tools = list(dict.fromkeys(t.strip() for t in args.tools.split(",") if t.strip()))
     unknown = [t for t in tools if t not in TOOLS]
     if unknown:
         parser.error(f"unknown tools {unknown}; choose from {', '.join(TOOLS)}")
-    if "ours" not in tools:
-        tools.insert(0, "ours")  # the baseline of every ratio
+    if "ours" in tools:
+        tools.remove("ours")
+    tools.insert(0, "ours")  # the baseline of every ratio and accuracy difference, first
     notes: list[str] = []
     if "fts" in tools and importlib.util.find_spec("finetuning_scheduler") is None:
         tools.remove("fts")
         notes.append("finetuning-scheduler is not installed: skipped (pip install finetuning-scheduler).")
 
     E = args.epochs_per_phase
+    seed0 = seeds[0]
     start = datetime.datetime.now().astimezone()
     print(f"# Gradual unfreezing benchmark ({'quick' if args.quick else 'full'} mode), {start:%Y-%m-%d %H:%M %Z}")
     print(f"host: {platform.node()}, {os.cpu_count()} CPUs, python {platform.python_version()}, load average before: {_loadavg()}")
-    print(f"model: tf_efficientnet_lite0 (pretrained efficientnet_lite0), in_chans=1, 64 px; DigitsDataModule(batch_size=32, seed={args.seed})")
-    print(f"optimizer: AdamW lr={args.lr} weight_decay={args.weight_decay}, warm-up 10% + cosine per step; seed {args.seed}; "
+    print("model: tf_efficientnet_lite0 (pretrained efficientnet_lite0), in_chans=1, 64 px; "
+          f"DigitsDataModule(batch_size=32, seed={seed0 if len(seeds) == 1 else '<the run seed>'})")
+    print(f"optimizer: AdamW lr={args.lr} weight_decay={args.weight_decay}, warm-up 10% + cosine per step; "
+          f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; "
           f"{E} epoch(s) per phase, 3 phases" + (f"; {QUICK_BATCHES} train batches per epoch" if args.quick else ""))
+    print("each seed sets the initialisation, the batch order and the data split (DigitsDataModule(seed=...)): "
+          "every seed is also a different train/val/test split; "
+          + (f"the speed tables are seed {seed0}'s." if len(seeds) > 1 else "one seed."))
+    print(f"tools: {', '.join(tools)}")
     print(f"phases: 0 = head, epochs [0, {E}); 1 = + upper half of the layer groups, [{E}, {2 * E}); 2 = all, [{2 * E}, {3 * E})")
-    print("Lightning's BackboneFinetuning has two phases (head, whole backbone): its thaw is put at our phase 2, "
-          "so in its phase 1 only the head is optimized.")
+    if "lightning" in tools:
+        print("Lightning's BackboneFinetuning has two phases (head, whole backbone): its thaw is put at our phase 2, "
+              "so in its phase 1 only the head is optimized.")
     sys.stdout.flush()
 
     tmp = tempfile.mkdtemp(prefix="lft_bench_unfreezing_")
-    results: dict[str, dict[str, Any]] = {}
+    runs: dict[int, dict[str, dict[str, Any]]] = {seed: {} for seed in seeds}  # seed -> tool -> measurements
+    failed: list[str] = []
     try:
-        for tool in [*tools, "forward"]:
-            data, error = _run_worker(tool, args, tmp)
+        # the no-grad forward baseline once (speed only), with the first seed
+        for seed, tool in [(seed, tool) for seed in seeds for tool in tools] + [(seed0, "forward")]:
+            data, error = _run_worker(tool, seed, args, tmp)
             if data is None:
-                notes.append(error)
-                print(f"[{tool}] FAILED: {error.splitlines()[0]}", flush=True)
+                first, _, tail = error.partition("\n")
+                failed.append(f"{tool} seed {seed} ({LABELS[tool]}): {first}")
+                print(f"[{tool} seed {seed}] FAILED: {LABELS[tool]}: {first}\n{tail}", flush=True)
                 continue
-            results[tool] = data
+            runs[seed][tool] = data
             busy = data["others_cores"]
-            print(f"[{tool}] done in {data['process_s']:.1f} s; other processes used {_fmt(busy)} cores meanwhile, "
-                  f"load average {_loadavg()}", flush=True)
-            if busy is not None and busy > 0.25:
+            print(f"[{tool} seed {seed}] done in {data['process_s']:.1f} s"
+                  + (f", test accuracy {100 * data['test_acc']:.1f}%" if "test_acc" in data else "")
+                  + f"; other processes used {_fmt(busy)} cores meanwhile, load average {_loadavg()}", flush=True)
+            if seed == seed0 and busy is not None and busy > 0.25:
                 notes.append(f"{tool}: other processes used {busy:.2f} of {os.cpu_count()} cores during its run: "
                              "its timings are taken under load (CPU contention inflates them many-fold).")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    if "ours" not in results:
-        print("\n".join(notes))
-        print("Our run failed: no ratios.")
-        return 1
+    results = runs[seed0]
+    if "ours" in results:
+        _speed_tables(results, tools, notes, seed0, len(seeds) > 1)
+    else:
+        print(f"\nOur run (seed {seed0}) failed: no speed tables and no ratios.")
+    _accuracy_table(runs, tools, seeds)
 
+    print("\nnotes:")
+    if "ours_recalibrate" in results:
+        print("- ours_recalibrate re-estimates the frozen BatchNorm statistics in on_train_start, over the whole "
+              "training set (also in --quick mode): counted in its fit time, not in its epoch times.")
+    if "ours_train_bn" in results:
+        print("- ours_train_bn keeps frozen BatchNorm in train mode: its running statistics follow the batches, "
+              "as fts's do (its weights stay frozen).")
+    if "lightning" in results:
+        print("- lightning: the module's optimizer holds the head only (BackboneFinetuning adds the backbone's group at the thaw); "
+              "its LambdaLR is extended to the added group (a plain LambdaLR raises ValueError at the first step after the thaw); "
+              "backbone lr at the thaw = the head's current lr. BackboneFinetuning.freeze_before_training keeps BatchNorm "
+              "parameters trainable and in train mode while the backbone is 'frozen', so its head-only phases backpropagate "
+              "through the whole backbone (params requiring grad above vs optimized in brackets).")
+    if "fts" in results:
+        print("- fts: explicit schedule over the same parameter names, epoch_transitions_only=True, restore_best=False, "
+              "apply_lambdas_new_pgs=True, FTSCheckpoint(save_top_k=0); its frozen BatchNorm layers stay in train mode "
+              "(running statistics keep moving); ours keeps frozen BatchNorm in eval mode.")
+    for n in notes:
+        print("- " + n)
+    print(f"load average after: {_loadavg()}; total {time.perf_counter() - _T0:.0f} s")
+    if failed:
+        print(f"\nFAILED: {len(failed)} run(s) of {len(seeds) * len(tools) + 1}:")
+        for f in failed:
+            print(f"FAILED: {f}")
+        return 1
+    return 0
+
+
+def _speed_tables(results: dict[str, dict[str, Any]], tools: list[str], notes: list[str], seed: int,
+                  several: bool) -> None:
+    """The per-epoch times, the per-phase and whole-run tables and the no-grad forward comparison of one seed."""
     phases = results["ours"]["phases"]
     print(f"\nphase 1 groups ({len(phases[1])}): {', '.join(phases[1])}")
     print(f"phase 2 adds ({len(phases[2])}): {', '.join(phases[2])}")
+    if several:
+        print(f"\nspeed: seed {seed}")
 
     # per-epoch detail
     print("\nper-epoch training time (s, epoch start -> last training batch end, no validation):")
+    width = max(len(t) for t in tools)
     for tool in tools:
         if tool in results:
             eps = results[tool]["epochs"]
-            print(f"  {tool:9s} " + "  ".join(f"e{e['epoch']}:{e['train_s']:.2f}" for e in eps))
+            print(f"  {tool:{width}s} " + "  ".join(f"e{e['epoch']}:{e['train_s']:.2f}" for e in eps))
 
     stats = {t: [_phase_stats(results[t], p) for p in range(3)] for t in tools if t in results}
     ours = stats["ours"]
@@ -488,21 +581,25 @@ def main(argv: list[str] | None = None) -> int:
         if len(head_eps) > 1:
             print(f"| last (warm) epoch vs last pass | {head_eps[-1]:.2f} | {fw['passes_s'][-1]:.2f} | {warm:.2f} | <= 1.2: {'met' if warm <= 1.2 else 'NOT met'} |")
 
-    print("\nnotes:")
-    if "lightning" in results:
-        print("- lightning: the module's optimizer holds the head only (BackboneFinetuning adds the backbone's group at the thaw); "
-              "its LambdaLR is extended to the added group (a plain LambdaLR raises ValueError at the first step after the thaw); "
-              "backbone lr at the thaw = the head's current lr. BackboneFinetuning.freeze_before_training keeps BatchNorm "
-              "parameters trainable and in train mode while the backbone is 'frozen', so its head-only phases backpropagate "
-              "through the whole backbone (params requiring grad above vs optimized in brackets).")
-    if "fts" in results:
-        print("- fts: explicit schedule over the same parameter names, epoch_transitions_only=True, restore_best=False, "
-              "apply_lambdas_new_pgs=True, FTSCheckpoint(save_top_k=0); its frozen BatchNorm layers stay in train mode "
-              "(running statistics keep moving); ours keeps frozen BatchNorm in eval mode.")
-    for n in notes:
-        print("- " + n)
-    print(f"load average after: {_loadavg()}; total {time.perf_counter() - _T0:.0f} s")
-    return 0
+
+def _accuracy_table(runs: dict[int, dict[str, dict[str, Any]]], tools: list[str], seeds: list[int]) -> None:
+    """Per tool: test accuracy over the seeds, and the paired per-seed difference to ours."""
+    print(f"\n## Test accuracy over seeds ({', '.join(map(str, seeds))}; each seed is also a different data split)\n")
+    print("| tool | seeds | test accuracy (mean ± std, %) | per seed (%) | paired difference to ours (mean ± std, points) |")
+    print("| --- | ---: | ---: | --- | ---: |")
+    for tool in tools:
+        accs = {seed: 100 * runs[seed][tool]["test_acc"] for seed in seeds if tool in runs[seed]}
+        if not accs:
+            print(f"| {LABELS[tool]} | 0 | n/a | n/a | n/a |")
+            continue
+        per_seed = ", ".join(f"{seed}: {_fmt(accs.get(seed), '.1f')}" for seed in seeds)
+        if tool == "ours":
+            diff = "baseline"
+        else:
+            paired = [accs[seed] - 100 * runs[seed]["ours"]["test_acc"] for seed in accs if "ours" in runs[seed]]
+            diff = (f"{statistics.mean(paired):+.1f} ± {_fmt(_mean_std(paired)[1], '.1f')} ({len(paired)} seed"
+                    f"{'s' if len(paired) > 1 else ''})") if paired else "n/a"
+        print(f"| {LABELS[tool]} | {len(accs)} | {_pm(list(accs.values()))} | {per_seed} | {diff} |")
 
 
 _T0 = time.perf_counter()
