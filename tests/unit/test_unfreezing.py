@@ -363,3 +363,18 @@ def test_missing_monitor_is_caught_by_the_sanity_check_before_training():
     with pytest.raises(ValueError, match="monitors `val/acc`, which was not logged. Logged: val/loss"):
         trainer.fit(module, vector_loader(), vector_loader(n=8))
     assert steps == []
+
+
+def test_recalibrate_on_several_training_loaders_is_refused_with_the_fix():
+    module = ScriptedModule()
+    module.body = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 8))  # something to recalibrate
+    cb = GradualUnfreezing(milestones={0: ["head"]}, frozen_bn="recalibrate", verbose=False)
+    trainer = fast_trainer(max_epochs=1, callbacks=[cb])
+    with pytest.raises(ValueError, match=r"frozen_bn='recalibrate'.*one DataLoader.*this fit trains on dict\. Use frozen_bn='eval'"):
+        trainer.fit(module, {"a": vector_loader(), "b": vector_loader(seed=1)}, vector_loader(n=8))
+    assert trainer.global_step == 0
+
+
+def test_bad_frozen_bn_value_fails_at_construction():
+    with pytest.raises(ValueError, match="frozen_bn must be 'eval', 'recalibrate' or 'train'"):
+        GradualUnfreezing(milestones={1: "all"}, frozen_bn="freeze")
