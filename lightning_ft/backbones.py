@@ -231,8 +231,9 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             with open(path, "rb") as fh:  # a file object: torch must not pick a reader by the suffix
                 state = torch.load(fh, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            if "weights_only" not in str(err).lower() and "weights only" not in str(err).lower():
-                raise unreadable(f"torch could not unpickle it ({err})") from err
+            if "Unsupported global" not in str(err):  # garbage, not a pickle of disallowed objects
+                detail = [ln.strip() for ln in str(err).splitlines() if ln.strip().startswith("Unpickler error")]
+                raise unreadable(f"torch could not unpickle it ({detail[0] if detail else type(err).__name__})") from err
             raise ValueError(  # a readable pickle that holds more than tensors
                 f"Could not read '{path}' as a torch weights file with weights_only=True ({err}). "
                 "Save only tensors (model.state_dict()) or convert it to .safetensors."

@@ -188,7 +188,7 @@ def random_transform_report(dataset: Dataset, probes: int = 2) -> str | None:
         for i in sorted({0, n // 2})[:probes]:
             loads = []
             for seed in (1, 2):
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)  # the CPU generator only: GPU streams untouched
                 np.random.seed(seed)
                 random.seed(seed)
                 loads.append(_first_tensor(dataset[i]))
@@ -217,7 +217,7 @@ def sample_fingerprint(dataset: Dataset) -> tuple[int, int, float]:
     states = (torch.get_rng_state(), np.random.get_state(), random.getstate())
     try:
         for i in sorted({0, n - 1}) if n else ():
-            torch.manual_seed(0)
+            torch.default_generator.manual_seed(0)  # the CPU generator only: GPU streams untouched
             np.random.seed(0)
             random.seed(0)
             x = _first_tensor(dataset[i])

@@ -92,13 +92,29 @@ def reestimate_batchnorm(
 
     The samples are read in order (rank ``r`` takes ``r, r + world, ...``) with the random state
     isolated, so training sees the same data order and random stream as without the pass; the
-    module runs on the first element of each batch (the inputs), in the run's precision. Under DDP
-    the statistics are averaged over the ranks (equal shares: the mean over all batches), so every
-    rank holds the same. Returns the number of batches this rank used.
+    module runs on the first element of each batch (the inputs), in the run's precision. Only full
+    batches are used when there is at least one (a batch of one sample has no variance, and a
+    partial batch would count as much as a full one), and every rank runs the same number of
+    batches (the smallest share decides), so a SyncBatchNorm's collectives pair up. Under DDP the
+    statistics are then averaged over the ranks (the mean over all batches used), so every rank
+    holds the same. Returns the number of batches this rank used.
     """
     rank, world = trainer.global_rank, trainer.world_size
     indices = list(range(rank, len(dataset), world))  # type: ignore[arg-type]
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, collate_fn=collate_fn, num_workers=num_workers)
+    full = len(indices) // batch_size
+    batches = full if full else 1
+    smallest = len(indices)
+    if world > 1:  # every rank takes the same decisions, so their collectives pair up
+        batches, smallest = _all_min(torch.tensor([batches, len(indices)], device=pl_module.device))
+    if smallest < 2:
+        raise ValueError(
+            f"{who} re-estimates BatchNorm statistics from batches of at least two samples, but a rank's share of "
+            f"the {len(dataset)} samples has {smallest}. Use more data or fewer devices."  # type: ignore[arg-type]
+        )
+    if max_batches is not None:
+        batches = min(batches, max_batches)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, collate_fn=collate_fn, num_workers=num_workers,
+                        drop_last=full > 0)
 
     def inputs() -> Any:
         for batch in loader:
@@ -112,10 +128,20 @@ def reestimate_batchnorm(
             yield x
 
     with isolate_rng(), trainer.precision_plugin.forward_context():
-        used = adapt_batchnorm(pl_module, inputs(), max_batches=max_batches, norms=norms)
+        used = adapt_batchnorm(pl_module, inputs(), max_batches=batches, norms=norms)
     if world > 1:
         for bn in norms:
             for buf in (bn.running_mean, bn.running_var):
                 if buf is not None:
                     buf.copy_(trainer.strategy.reduce(buf.clone(), reduce_op="mean"))
     return used
+
+
+def _all_min(values: torch.Tensor) -> list[int]:
+    """The element-wise smallest of ``values`` over the ranks."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.MIN)
+    return [int(v) for v in values.tolist()]

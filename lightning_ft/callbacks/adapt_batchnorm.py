@@ -16,6 +16,9 @@ validates, selects and checkpoints the unadapted model. This callback does it in
   the optimisation is exactly that of a fit without the callback; the training statistics of a
   checkpoint holding adapted ones are kept in the callback's state, so a resumed fit continues
   from them too.
+
+The sanity check is left alone. Outside ``fit`` (``trainer.validate``/``test``) every loader runs
+with the statistics the weights hold: the adapted ones for a checkpoint written at validation.
 """
 
 from __future__ import annotations
@@ -103,11 +106,18 @@ class AdaptBatchNorm(Callback):
             return
         check_strategy(trainer, type(self).__name__)
         from lightning_ft.callbacks.feature_cache import FeatureCache
+        from lightning_ft.callbacks.unfreezing import GradualUnfreezing
 
         if any(isinstance(cb, FeatureCache) for cb in trainer.callbacks):
             raise ValueError(
                 "AdaptBatchNorm swaps BatchNorm statistics between validation loaders, but FeatureCache serves "
                 "features computed with one set of statistics. Drop one of the two callbacks."
+            )
+        if any(isinstance(cb, GradualUnfreezing) and cb.restore_best for cb in trainer.callbacks):
+            raise ValueError(
+                "GradualUnfreezing(restore_best=True) restores weights captured after validation, which hold "
+                "AdaptBatchNorm's adapted statistics, and training would go on from those. Set restore_best=False "
+                "or drop AdaptBatchNorm."
             )
         self._norms = list(batchnorm_modules(pl_module))
         if not self._norms:
@@ -190,21 +200,25 @@ class AdaptBatchNorm(Callback):
         self._hold("train")
         self._stale = True
 
+    def _in_fit_validation(self, trainer: L.Trainer) -> bool:
+        # not the sanity check: it runs before on_train_start, where other callbacks (GradualUnfreezing's
+        # recalibration) may still set statistics, and before the training loader exists
+        return trainer.state.fn == "fit" and not trainer.sanity_checking
+
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.fn != "fit":
-            return
-        self._adapt(trainer, pl_module)
+        if self._in_fit_validation(trainer):
+            self._adapt(trainer, pl_module)
 
     def on_validation_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if trainer.state.fn == "fit" and self._adapted is not None:
+        if self._in_fit_validation(trainer) and self._adapted is not None:
             self._hold("adapted" if self._adapted_loader(dataloader_idx) else "train")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # checkpoint callbacks run after this one: what they save, and what a test after the fit
         # sees, is the adapted model
-        if trainer.state.fn == "fit" and self._adapted is not None:
+        if self._in_fit_validation(trainer) and self._adapted is not None:
             self._hold("adapted")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

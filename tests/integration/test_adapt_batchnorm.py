@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_ft.callbacks import AdaptBatchNorm, FeatureCache
+from lightning_ft.callbacks import AdaptBatchNorm, FeatureCache, GradualUnfreezing
 from lightning_ft.data import DigitsDataModule, MNISTSubsetDataModule, SourceTargetDataModule
 from tests.conftest import fast_trainer
 
@@ -171,3 +171,31 @@ def test_bad_setups_are_refused_at_setup_with_the_fix():
         fit([AdaptBatchNorm()], epochs=1, module=NoNorm())
     with pytest.raises(ValueError, match="data must be 'target' or 'train'"):
         AdaptBatchNorm(data="source")
+    with pytest.raises(ValueError, match=r"restore_best=True.*adapted statistics.*Set restore_best=False"):
+        fit([AdaptBatchNorm(), GradualUnfreezing(milestones={1: "all"}, head="net.4", restore_best=True)], epochs=1)
+
+
+@pytest.mark.parametrize("order", ["unfreezing_first", "adabn_first"])
+def test_the_sanity_check_is_left_alone_and_recalibrated_statistics_survive(order):
+    """With Lightning's default sanity check (2 batches) and both callback orders, the frozen BatchNorm
+    trains with GradualUnfreezing's recalibrated statistics, as without AdaptBatchNorm."""
+    def first_step_stats(callbacks):
+        seen = []
+
+        class Probe(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if not seen:
+                    seen.append(pl_module.net[2].running_mean.clone())
+
+        fit([*callbacks, Probe()], epochs=1, num_sanity_val_steps=2)
+        return seen[0]
+
+    def unfreezing():
+        return GradualUnfreezing(milestones={0: ["head"], 5: "all"}, head="net.4", frozen_bn="recalibrate", verbose=False)
+
+    alone = first_step_stats([unfreezing()])
+    both = [unfreezing(), AdaptBatchNorm(verbose=False)]
+    assert torch.equal(first_step_stats(both if order == "unfreezing_first" else both[::-1]), alone)
+    assert not torch.equal(alone, torch.zeros_like(alone))  # recalibrated, not the initial statistics
+    # data="train" reads the training loader, which does not exist yet during the sanity check
+    fit([AdaptBatchNorm(data="train", verbose=False)], epochs=1, num_sanity_val_steps=2)

@@ -26,7 +26,7 @@ RESUME_AFTER = 2  # the checkpoint of the end of epoch 2
 
 
 class BatchNormUserModule(L.LightningModule):
-    def __init__(self, only_trainable: bool = False) -> None:
+    def __init__(self, only_trainable: bool | str = False) -> None:
         super().__init__()
         self.backbone = nn.Sequential(
             nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU()
@@ -47,6 +47,8 @@ class BatchNormUserModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad] if self.only_trainable else self.parameters()
+        if self.only_trainable == "head_first":  # the user's own order, not the module's
+            params = [*self.head.parameters(), *[p for p in self.backbone.parameters() if p.requires_grad]]
         optimizer = torch.optim.AdamW(params, lr=0.02)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -68,7 +70,7 @@ CASES = {
 }
 
 
-def fit(tmp: Path, milestones, only_trainable: bool, frozen_bn: str, ckpt: Path | None = None):
+def fit(tmp: Path, milestones, only_trainable: bool | str, frozen_bn: str, ckpt: Path | None = None):
     torch.manual_seed(0)
     module = BatchNormUserModule(only_trainable)
     callbacks: list[L.Callback] = [
@@ -87,7 +89,8 @@ def fit(tmp: Path, milestones, only_trainable: bool, frozen_bn: str, ckpt: Path 
     return module, trainer, unfreezing
 
 
-@pytest.mark.parametrize("only_trainable", [False, True], ids=["all_params", "trainable_params_only"])
+@pytest.mark.parametrize("only_trainable", [False, True, "head_first"],
+                         ids=["all_params", "trainable_params_only", "trainable_params_head_first"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_resumed_equals_uninterrupted_with_batchnorm(tmp_path, case, only_trainable):
     milestones, late_modes = CASES[case]

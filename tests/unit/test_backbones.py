@@ -118,15 +118,18 @@ def _corrupt_files(tmp_path):
     truncated_st.write_bytes(good_st.read_bytes()[: good_st.stat().st_size // 2])
     renamed = tmp_path / "random.pth"
     renamed.write_bytes(random_bytes.read_bytes())
-    return [random_bytes, renamed, truncated_pth, truncated_st]
+    pickle_like = tmp_path / "pickle_like.safetensors"  # random bytes that start like a pickle (1 file in 256)
+    pickle_like.write_bytes(b"\x80" + random_bytes.read_bytes()[:999])
+    return [random_bytes, renamed, truncated_pth, truncated_st, pickle_like]
 
 
 def test_corrupt_or_truncated_weights_file_is_named_at_construction(tmp_path):
     for path in _corrupt_files(tmp_path):
         size = f"{path.stat().st_size:,} bytes"
         with pytest.raises(ValueError, match=rf"'{re.escape(str(path))}' \({size}\) is not a readable safetensors "
-                                             r"or torch weights file: .*truncated or corrupt"):
+                                             r"or torch weights file: .*truncated or corrupt") as err:
             create_backbone("test_resnet", str(path))
+        assert "weights_only=False" not in str(err.value)  # never advise unpickling a corrupt file
 
 
 def test_weights_format_is_read_from_the_content_not_the_suffix(tmp_path):

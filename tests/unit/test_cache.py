@@ -79,3 +79,16 @@ def test_memory_mapped_table_serves_the_same_rows(tmp_path):
     assert torch.equal(a.features, b.features) and torch.equal(a.target, b.target)
     on_disk.close()
     assert not path.exists()
+
+
+def test_probes_never_reseed_the_gpu_generators(monkeypatch):
+    """The fingerprint and the randomness probe seed the CPU generator only (and restore it): a GPU run
+    keeps its own random stream (dropout masks would otherwise repeat every epoch)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(seed))
+    ds = TensorDataset(torch.randn(8, 3), torch.arange(8))
+    state = torch.get_rng_state()
+    sample_fingerprint(ds)
+    random_transform_report(ds)
+    assert calls == [] and torch.equal(torch.get_rng_state(), state)
