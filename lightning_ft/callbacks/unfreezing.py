@@ -12,9 +12,10 @@ How it stays right where other tools go wrong:
   had been scheduled from the start, optimizer state of groups already training is untouched.
 * **DDP.** The reducer only syncs params that required grad when DDP wrapped the model, so after a
   transition the module is wrapped anew (which also broadcasts rank 0's weights).
-* **Frozen BatchNorm** stays in eval mode across ``model.train()`` calls and Lightning's mode restore
-  after validation (``frozen_bn``: or its statistics are re-estimated once on the training data, or it
-  keeps training); BatchNorm of a thawed group trains again, also after a resume.
+* **Frozen BatchNorm** gets statistics re-estimated once on the training inputs before the first
+  step, then stays in eval mode across ``model.train()`` calls and Lightning's mode restore after
+  validation (``frozen_bn``: or it keeps the pretrained statistics, or it keeps training); BatchNorm
+  of a thawed group trains again, also after a resume.
 * **No backward through the frozen prefix**: nothing below the first trainable layer requires grad.
 * **Resume**: phase, patience counter, best score (and best weights with ``restore_best``) are
   in ``state_dict``; the restored phase is applied before DDP wraps and the optimizer state loads.
@@ -52,7 +53,7 @@ from lightning_ft.callbacks._common import (
 __all__ = ["GradualUnfreezing", "LinearProbing"]
 
 MilestoneSpec = dict[int, list[str] | str]
-FrozenBN = Literal["eval", "recalibrate", "train"]
+FrozenBN = Literal["auto", "recalibrate", "eval", "train"]
 
 
 class GradualUnfreezing(Callback):
@@ -83,11 +84,15 @@ class GradualUnfreezing(Callback):
         restore_best: at a transition, load the best weights of the phase that ended.
         warmup_steps: newly thawed groups ramp their lr linearly over this many steps (their
             scheduled lr is multiplied by the ramp only inside the optimizer step; schedulers never see it).
-        frozen_bn: BatchNorm layers of frozen groups. ``"eval"``: eval mode, running statistics kept
-            (the pretrained ones). ``"recalibrate"``: their statistics are re-estimated once on the
-            training inputs before the first step (no gradient, no weight changes, run in order with
-            the random state restored; averaged over DDP ranks), then kept in eval mode.
-            ``"train"``: train mode, statistics follow each batch (what finetuning-scheduler does).
+        frozen_bn: BatchNorm layers of frozen groups. ``"recalibrate"``: their statistics are
+            re-estimated once on the training inputs before the first step (no gradient, no weight
+            changes, full batches read in order with the random state isolated; averaged over DDP
+            ranks), then kept in eval mode. ``"eval"``: eval mode with the statistics they have (the
+            pretrained ones). ``"train"``: train mode, statistics follow each batch (what
+            finetuning-scheduler does). ``"auto"`` (default): ``"recalibrate"`` when the training
+            data is one DataLoader of ``(inputs, ...)`` batches, else ``"eval"`` (said once). Over 5
+            seeds on the digits, recalibrating was never worse than ``"eval"`` and 1.4 points better on
+            average (docs/unfreezing.md).
         verbose: print a line on rank zero at each transition.
     """
 
@@ -104,7 +109,7 @@ class GradualUnfreezing(Callback):
         head: str | list[str] | None = None,
         restore_best: bool = False,
         warmup_steps: int = 0,
-        frozen_bn: FrozenBN = "eval",
+        frozen_bn: FrozenBN = "auto",
         verbose: bool = True,
     ) -> None:
         super().__init__()
@@ -114,10 +119,15 @@ class GradualUnfreezing(Callback):
             raise ValueError("patience and warmup_steps must be >= 0 and groups_per_step >= 1.")
         if max_depth is not None and max_depth < 0:
             raise ValueError(f"max_depth must be >= 0 (0 = linear probing) or None, got {max_depth}.")
+        if milestones is not None and not milestones:
+            raise ValueError(
+                "milestones={} names no epoch. Give {epoch: groups}, e.g. {0: ['head'], 5: 'all'}, or leave it None "
+                "for plateau-driven phases."
+            )
         if milestones is not None and phases is not None:
             raise ValueError("Give either milestones= (group names per epoch) or phases= (regexes), not both.")
-        if frozen_bn not in ("eval", "recalibrate", "train"):
-            raise ValueError(f"frozen_bn must be 'eval', 'recalibrate' or 'train', got {frozen_bn!r}.")
+        if frozen_bn not in ("auto", "recalibrate", "eval", "train"):
+            raise ValueError(f"frozen_bn must be 'auto', 'recalibrate', 'eval' or 'train', got {frozen_bn!r}.")
         if monitor == "auto":
             monitor = None if milestones is not None else "val/loss"
         elif monitor is None and milestones is None:
@@ -438,16 +448,23 @@ class GradualUnfreezing(Callback):
         named = list(pl_module.named_parameters())
         in_optimizer = optimizer_param_ids(trainer)
         missing = [n for n, p in named if n in later and id(p) not in in_optimizer]
-        if not missing:
-            return
         groups = [g for opt in trainer.optimizers for g in opt.param_groups]
         if len(groups) == 1:
+            # module order always (also with nothing missing, e.g. resumed into the last phase): the order a
+            # fresh run and a resumed one agree on, whatever order configure_optimizers listed them in
             group = groups[0]
-            own = {id(p) for p in group["params"]}
-            wanted = own | {id(p) for n, p in named if n in later}
+            wanted = {id(p) for p in group["params"]} | {id(p) for n, p in named if n in later}
             ordered = [p for _, p in named if id(p) in wanted]
-            outside = [p for p in group["params"] if id(p) not in {id(q) for q in ordered}]
+            placed = {id(q) for q in ordered}
+            outside = [p for p in group["params"] if id(p) not in placed]
             group["params"][:] = ordered + outside  # in place: some optimizers hold the list itself
+            if missing and self.verbose:
+                rank_zero_info(
+                    f"GradualUnfreezing: added {len(missing)} parameters that later phases thaw to the optimizer's "
+                    f"param group ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); frozen until then."
+                )
+            return
+        if not missing:
             return
         raise ValueError(
             f"GradualUnfreezing will thaw parameters that are not in the optimizer ({', '.join(missing[:3])}, ...), "
@@ -473,7 +490,7 @@ class GradualUnfreezing(Callback):
         self._install_warmup_hooks(trainer)
         # milestones already passed (resume) or at epoch 0
         self._apply_milestones(trainer, pl_module)
-        if self.frozen_bn == "recalibrate" and not self.recalibrated:
+        if self.frozen_bn in ("auto", "recalibrate") and not self.recalibrated:
             self._recalibrate(trainer, pl_module)
 
     def _recalibrate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -482,14 +499,25 @@ class GradualUnfreezing(Callback):
             self.recalibrated = True
             return
         loader = trainer.train_dataloader
-        if not isinstance(loader, DataLoader):
+        readable = isinstance(loader, DataLoader) and len(loader.dataset) > 0 and _tensor_inputs(loader.dataset[0])
+        if not readable and self.frozen_bn == "auto":
+            self.recalibrated = True  # nothing to read: the frozen BatchNorm keeps its statistics, as with "eval"
+            if self.verbose:
+                rank_zero_info(
+                    "GradualUnfreezing: frozen BatchNorm keeps its statistics (frozen_bn='auto' recalibrates only "
+                    f"from one DataLoader of (inputs, ...) batches; this fit trains on {type(loader).__name__}). "
+                    "Set frozen_bn='eval' to say so."
+                )
+            return
+        if not readable:
             raise ValueError(
                 "GradualUnfreezing(frozen_bn='recalibrate') reads the training inputs from one DataLoader of "
                 f"(inputs, ...) batches; this fit trains on {type(loader).__name__}. Use frozen_bn='eval' or 'train'."
             )
+        batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None) or 32
         reestimate_batchnorm(
             trainer, pl_module, loader.dataset, self._frozen_bn, "GradualUnfreezing(frozen_bn='recalibrate')",
-            batch_size=loader.batch_size or 1, collate_fn=loader.collate_fn, num_workers=loader.num_workers,
+            batch_size=batch_size, collate_fn=loader.collate_fn, num_workers=loader.num_workers,
         )
         self.recalibrated = True
         if self.verbose:
@@ -575,7 +603,7 @@ class GradualUnfreezing(Callback):
 class LinearProbing(GradualUnfreezing):
     """Linear probing: only the head trains, for the whole fit (GradualUnfreezing with max_depth=0)."""
 
-    def __init__(self, head: str | list[str] | None = None, frozen_bn: FrozenBN = "eval") -> None:
+    def __init__(self, head: str | list[str] | None = None, frozen_bn: FrozenBN = "auto") -> None:
         super().__init__(monitor=None, milestones={0: []}, head=head, frozen_bn=frozen_bn, verbose=False)
 
 
@@ -600,3 +628,8 @@ def _logged_names(monitor: str, logged: list[str]) -> str:
     more = f" (+{len(rest) - len(shown)} more)" if len(rest) > len(shown) else ""
     hint = f"Did you mean {', '.join(f'`{n}`' for n in close)}? " if close else ""
     return f"{hint}Logged: {', '.join([*close, *shown])}{more}."
+
+
+def _tensor_inputs(sample: Any) -> bool:
+    first = sample[0] if isinstance(sample, (list, tuple)) and sample else sample
+    return isinstance(first, torch.Tensor)

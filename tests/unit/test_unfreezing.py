@@ -2,6 +2,7 @@
 
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
@@ -251,7 +252,7 @@ def test_frozen_layers_unchanged_bn_in_eval_and_no_graph_through_the_prefix():
     frozen_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     grads_seen = []
     model.backbone.layer4.register_forward_hook(lambda m, i, o: grads_seen.append(o.requires_grad))
-    cb = GradualUnfreezing(monitor=None, milestones={0: ["head"]}, verbose=False)
+    cb = GradualUnfreezing(monitor=None, milestones={0: ["head"]}, frozen_bn="eval", verbose=False)
     trainer = fast_trainer(max_epochs=2, callbacks=[cb])
     trainer.fit(model, random_loader(), random_loader(n=8))
     for k, v in model.backbone.state_dict().items():
@@ -261,6 +262,43 @@ def test_frozen_layers_unchanged_bn_in_eval_and_no_graph_through_the_prefix():
     model.train()  # what Lightning and users do; the callback puts frozen BatchNorm back
     cb.on_train_batch_start(trainer, model, None, 0)
     assert bns and not any(bn.training for bn in bns)
+
+
+def test_by_default_frozen_batchnorm_is_recalibrated_once_then_kept_still():
+    torch.manual_seed(0)
+    model = FineTuneModule("test_resnet", num_classes=3, lr=0.05)
+    weights = {k: v.clone() for k, v in model.backbone.named_parameters()}
+    initial = model.backbone.conv1[1].running_mean.clone()
+    per_epoch = []
+
+    class Stats(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            per_epoch.append({k: v.clone() for k, v in pl_module.backbone.named_buffers()})
+
+    cb = GradualUnfreezing(milestones={0: ["head"]}, verbose=False)
+    assert cb.frozen_bn == "auto"
+    fast_trainer(max_epochs=2, callbacks=[cb, Stats()]).fit(model, random_loader(), random_loader(n=8))
+    assert cb.recalibrated and not torch.equal(per_epoch[0]["conv1.1.running_mean"], initial)
+    assert all(torch.equal(per_epoch[0][k], per_epoch[1][k]) for k in per_epoch[0])  # still during training
+    assert all(torch.equal(v, weights[k]) for k, v in model.backbone.named_parameters())
+
+
+def test_auto_keeps_the_statistics_when_the_training_data_cannot_be_read(caplog):
+    import logging
+
+    class TwoLoaders(ScriptedModule):  # trains on {"a": batch, "b": batch}
+        def training_step(self, batch, batch_idx):
+            return sum(nn.functional.cross_entropy(self(x), y) for x, y in batch.values())
+
+    module = TwoLoaders()
+    module.body = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 8))
+    before = module.body[1].running_mean.clone()
+    cb = GradualUnfreezing(milestones={0: ["head"]})
+    with caplog.at_level(logging.INFO):
+        fast_trainer(max_epochs=1, callbacks=[cb]).fit(
+            module, {"a": vector_loader(), "b": vector_loader(seed=1)}, vector_loader(n=8))
+    assert torch.equal(module.body[1].running_mean, before)  # frozen, in eval: not even the batches moved it
+    assert "frozen BatchNorm keeps its statistics (frozen_bn='auto'" in caplog.text
 
 
 def test_frozen_bn_train_lets_frozen_batchnorm_statistics_move():
@@ -376,5 +414,29 @@ def test_recalibrate_on_several_training_loaders_is_refused_with_the_fix():
 
 
 def test_bad_frozen_bn_value_fails_at_construction():
-    with pytest.raises(ValueError, match="frozen_bn must be 'eval', 'recalibrate' or 'train'"):
+    with pytest.raises(ValueError, match="frozen_bn must be 'auto', 'recalibrate', 'eval' or 'train'"):
         GradualUnfreezing(milestones={1: "all"}, frozen_bn="freeze")
+
+
+def test_recalibrate_uses_full_batches_so_a_one_sample_tail_cannot_break_batchnorm1d():
+    class Tail(ScriptedModule):  # BatchNorm1d: a batch of one sample raises in train mode
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 8))
+
+    torch.manual_seed(0)
+    module = Tail()
+    loader = vector_loader(n=33, batch=16)  # 16 + 16 + 1
+    loader = torch.utils.data.DataLoader(loader.dataset, batch_size=16, drop_last=True)
+    weight, bias = module.body[0].weight.detach().clone(), module.body[0].bias.detach().clone()
+    cb = GradualUnfreezing(milestones={0: ["head"]}, frozen_bn="recalibrate", verbose=False)
+    fast_trainer(max_epochs=1, callbacks=[cb]).fit(module, loader)
+    x = loader.dataset.tensors[0][:32]
+    a = (x @ weight.T + bias).split(16)  # the two full batches, in order
+    assert torch.allclose(module.body[1].running_mean, torch.stack([t.mean(0) for t in a]).mean(0), atol=1e-6)
+    assert torch.allclose(module.body[1].running_var, torch.stack([t.var(0) for t in a]).mean(0), atol=1e-5)
+
+
+def test_empty_milestones_are_refused():
+    with pytest.raises(ValueError, match=r"milestones=\{\} names no epoch"):
+        GradualUnfreezing(milestones={})
