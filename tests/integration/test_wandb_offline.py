@@ -30,7 +30,7 @@ import yaml
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2 as pb  # noqa: E402
 
-from lightning_ft.cli import run  # noqa: E402
+from lightning_ft.cli import run as run_cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
@@ -143,7 +143,7 @@ def test_full_llrd_with_wandb_offline(tmp_path: Path, monkeypatch: pytest.Monkey
         f"--trainer.logger.init_args.save_dir={save_dir}",
     ]
     try:
-        cli = run(args=args)
+        cli = run_cli(args=args)
         assert type(cli.trainer.logger).__name__ == "WandbLogger"
         assert cli.trainer.global_step == TRAIN_BATCHES
         # the base config's callbacks survived the overlay (its trainer section has no callbacks list)
