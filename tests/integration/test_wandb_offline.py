@@ -152,7 +152,10 @@ def test_full_llrd_with_wandb_offline(tmp_path: Path, monkeypatch: pytest.Monkey
         depth = {g["name"]: g["layer_id"] for g in cli.trainer.optimizers[0].param_groups}
     finally:
         if wandb.run is not None:
-            wandb.finish()  # flush and close the offline run before reading its files
+            wandb.finish()  # close the offline run before reading its files
+        # and stop wandb's service process: its writer may still hold buffered records after finish()
+        # returns (CI once read a log holding only its file header); teardown waits until it has exited
+        wandb.teardown()
 
     if not repo_wandb:
         assert not (REPO / "wandb").exists(), "the run wrote a wandb/ folder into the repository"
@@ -162,6 +165,7 @@ def test_full_llrd_with_wandb_offline(tmp_path: Path, monkeypatch: pytest.Monkey
     assert len(logs) == 1
     records = read_wandb_log(logs[0])
     kinds = [r.WhichOneof("record_type") for r in records]
+    assert kinds, f"{logs[0]} holds no records ({logs[0].stat().st_size} bytes): wandb did not flush the run"
     assert kinds[0] == "header" and "run" in kinds
 
     run = _of_type(records, "run")[0]
