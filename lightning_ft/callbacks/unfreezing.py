@@ -39,6 +39,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lightning_ft import modes
 from lightning_ft.backbones import LayerGroup, layer_groups
 from lightning_ft.callbacks._common import (
     batchnorm_modules,
@@ -434,6 +435,10 @@ class GradualUnfreezing(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after Lightning built the optimizers, before a checkpoint's optimizer state is loaded
         self._include_params_to_thaw(trainer, pl_module)
+        modes.hold(trainer, "GradualUnfreezing", lambda: (
+            list(self._frozen_bn),
+            f"BatchNorm of frozen layer groups keeps its statistics until its group thaws (frozen_bn='{self.frozen_bn}')",
+        ))
 
     def _include_params_to_thaw(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Every parameter a phase will thaw must be in the optimizer before the first step.
@@ -475,6 +480,7 @@ class GradualUnfreezing(Callback):
         )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        modes.explain(trainer, pl_module)
         if self.warmup_steps:  # here, not in on_fit_start: LayerwiseLRDecay may rebuild the groups there
             mixed = [
                 group_label(g, i)
@@ -595,6 +601,7 @@ class GradualUnfreezing(Callback):
         return value > self.best + self.min_delta
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        modes.release(trainer)
         for h in self._hooks:
             h.remove()
         self._hooks = []

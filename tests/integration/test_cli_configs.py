@@ -27,6 +27,7 @@ import yaml
 
 from lightning_ft.callbacks import GradualUnfreezing
 from lightning_ft.cli import run
+from lightning_ft.data import write_digits_folder
 from lightning_ft.module import FineTuneModule
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,7 +85,7 @@ def initial_state(monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor]:
 
 def test_configs_are_discovered() -> None:
     names = {p.name for p in _base_configs()}
-    assert {"demo.yaml", "linear_probe.yaml", "full_llrd.yaml"} <= names
+    assert {"demo.yaml", "linear_probe.yaml", "full_llrd.yaml", "image_folder.yaml"} <= names
     assert "wandb.yaml" not in names
 
 
@@ -111,7 +112,10 @@ def test_base_config_fits_and_tests(
     monkeypatch.chdir(tmp_path)  # anything relative lands in tmp_path, never in the repo
     monkeypatch.setattr(sys, "argv", ["lightning-ft"])  # not pytest's arguments
     root = tmp_path / "run"
-    cli = run(args=["fit", "--config", str(config), *tiny_overrides(root)])
+    extra = []
+    if _load(config)["data"]["class_path"].endswith("ImageFolderDataModule"):  # a folder as datasets ship it
+        extra = [f"--data.init_args.root={write_digits_folder(tmp_path / 'folder', size=24, per_class=3)}"]
+    cli = run(args=["fit", "--config", str(config), *tiny_overrides(root), *extra])
 
     declared = _load(config)
     model: FineTuneModule = cli.model

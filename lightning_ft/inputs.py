@@ -1,0 +1,231 @@
+"""Inputs of any band count: reading image files, and the transform a model's data config prescribes.
+
+One transform serves training, validation, prediction and standalone use (``model.transform()``), so
+an image is prepared the same way wherever it comes from.
+
+* :func:`read_image`: a file (PNG/JPEG/... via Pillow, ``.npy``, multi-band ``.tif``/``.tiff`` via
+  tifffile) as a float tensor ``(C, H, W)``. Integer pixels are divided by ``scale`` (default: the
+  largest value of their type, 255 for 8-bit, 65535 for 16-bit); float pixels are kept as they are.
+  With ``channels`` given, Pillow images are converted to it (RGB -> luma for 1 channel, grayscale ->
+  RGB for 3) and a 1-band array is repeated; any other mismatch is an error naming both counts.
+* :class:`ImageTransform`: timm's evaluation recipe (resize the shorter side to
+  ``size / crop_pct``, centre crop ``size``) or training recipe (random resized crop, horizontal
+  flip), then per-band normalisation, on tensors of any band count.
+
+The data config is timm's (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``),
+plus an optional ``scale``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "ARRAY_SUFFIXES",
+    "IMAGE_SUFFIXES",
+    "SUFFIXES",
+    "TIFF_SUFFIXES",
+    "TRANSFORM_KEYS",
+    "ImageTransform",
+    "per_band",
+    "read_image",
+    "to_chw",
+]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm")
+ARRAY_SUFFIXES = (".npy",)
+TIFF_SUFFIXES = (".tif", ".tiff")
+SUFFIXES = IMAGE_SUFFIXES + ARRAY_SUFFIXES + TIFF_SUFFIXES
+TRANSFORM_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "scale")
+
+
+def _read_pil(path: Path, channels: int | None) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        if channels == 1 and img.mode not in ("L", "I", "I;16", "F"):
+            img = img.convert("L")  # luma, as a grayscale model sees a colour picture
+        elif channels == 3 and img.mode != "RGB":
+            img = img.convert("RGB")  # grayscale repeated, palette expanded, alpha dropped
+        elif img.mode == "P":
+            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        return np.array(img)
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    try:
+        import tifffile
+    except ImportError as err:  # pragma: no cover - tifffile is a dependency of the tiff extra
+        raise ImportError(
+            f"Reading '{path}' needs tifffile: pip install 'lightning_ft[tiff]' (or pip install tifffile)."
+        ) from err
+    return np.asarray(tifffile.imread(path))
+
+
+def to_chw(array: np.ndarray, channels: int | None = None, path: str | Path = "array") -> np.ndarray:
+    """``(H, W)``, ``(C, H, W)`` or ``(H, W, C)`` as ``(C, H, W)``.
+
+    A 3-D array is band-first when its first axis has ``channels`` entries, band-last when its last
+    one has; without ``channels`` (or when neither matches), the shorter of the two end axes holds the
+    bands (band-first on a tie).
+    """
+    if array.ndim == 2:
+        return array[None]
+    if array.ndim != 3:
+        raise ValueError(f"'{path}' holds an array of shape {tuple(array.shape)}; expected (H, W), (C, H, W) or (H, W, C).")
+    first, last = array.shape[0], array.shape[-1]
+    if channels is not None and first == channels:
+        return array
+    if channels is not None and last == channels:
+        return np.moveaxis(array, -1, 0)
+    return array if first <= last else np.moveaxis(array, -1, 0)
+
+
+def read_image(path: str | Path, channels: int | None = None, scale: float | None = None) -> torch.Tensor:
+    """The file at ``path`` as a float32 tensor ``(C, H, W)`` (see the module docstring for the rules)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in ARRAY_SUFFIXES:
+        array = to_chw(np.load(path, allow_pickle=False), channels, path)
+    elif suffix in TIFF_SUFFIXES:
+        array = to_chw(_read_tiff(path), channels, path)
+    elif suffix in IMAGE_SUFFIXES:
+        array = _read_pil(path, channels)
+        array = array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
+    else:
+        raise ValueError(f"'{path}': unknown image type '{suffix}'. Supported: {', '.join(SUFFIXES)}.")
+    return _as_float(array, channels, scale, path)
+
+
+def _as_float(array: np.ndarray, channels: int | None, scale: float | None, path: Any) -> torch.Tensor:
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    if scale is None:
+        scale = float(np.iinfo(array.dtype).max) if np.issubdtype(array.dtype, np.integer) else 1.0
+    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if scale != 1.0:
+        x = x / scale
+    if channels is not None and x.shape[0] != channels:
+        if x.shape[0] == 1:
+            x = x.expand(channels, -1, -1).contiguous()  # one band into a model of several
+        else:
+            raise ValueError(
+                f"'{path}' has {x.shape[0]} bands (shape {tuple(x.shape)}) but the model takes {channels} "
+                f"(in_chans={channels}). Set the model's in_chans={x.shape[0]} (timm adapts the pretrained stem "
+                "to any band count), or give files with the model's band count."
+            )
+    return x
+
+
+def _interpolation(name: str | None) -> Any:
+    from torchvision.transforms import InterpolationMode
+
+    name = (name or "bilinear").lower()
+    modes = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
+             "nearest": InterpolationMode.NEAREST, "lanczos": InterpolationMode.BILINEAR}
+    if name not in modes:
+        raise ValueError(f"interpolation '{name}' is not one of {', '.join(sorted(modes))}.")
+    return modes[name]
+
+
+class ImageTransform:
+    """Image (path, PIL image, array or tensor) -> normalised float tensor ``(C, size, size)``.
+
+    Args:
+        data_config: timm's data config (``input_size`` ``(C, H, W)``, ``mean``, ``std``, and optionally
+            ``interpolation``, ``crop_pct``, ``scale``), e.g. ``FineTuneModule.data_config``.
+        training: the training recipe (random resized crop of 8-100% of the area with aspect ratio
+            3/4-4/3, horizontal flip) instead of the evaluation one (resize, centre crop).
+    """
+
+    def __init__(self, data_config: dict[str, Any], training: bool = False) -> None:
+        missing = [k for k in ("input_size", "mean", "std") if k not in data_config]
+        if missing:
+            raise ValueError(f"The data config lacks {', '.join(missing)}; it has {', '.join(sorted(data_config))}.")
+        self.channels, height, width = (int(v) for v in data_config["input_size"])
+        self.size = (height, width)
+        self.mean = torch.tensor([float(v) for v in data_config["mean"]]).view(-1, 1, 1)
+        self.std = torch.tensor([float(v) for v in data_config["std"]]).view(-1, 1, 1)
+        for key, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) != self.channels:
+                raise ValueError(
+                    f"The data config's {key} has {len(values)} values but input_size has {self.channels} bands. "
+                    f"Give one {key} per band."
+                )
+        self.interpolation = _interpolation(data_config.get("interpolation"))
+        self.crop_pct = float(data_config.get("crop_pct") or 1.0)
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}.")
+        self.scale = data_config.get("scale")
+        self.training = training
+
+    def load(self, image: Any) -> torch.Tensor:
+        """A path, PIL image, array ``(H, W[, C])`` / ``(C, H, W)`` or tensor ``(C, H, W)`` as float ``(C, H, W)``."""
+        if isinstance(image, (str, Path)):
+            return read_image(image, self.channels, self.scale)
+        if isinstance(image, torch.Tensor):
+            x = image if image.ndim == 3 else image[None]
+            if not x.dtype.is_floating_point:
+                return _as_float(x.numpy(), self.channels, self.scale, "tensor")
+            return _as_float(x.float().numpy(), self.channels, self.scale, "tensor") if self.scale else x.float()
+        try:
+            from PIL import Image
+
+            if isinstance(image, Image.Image):
+                if self.channels == 1 and image.mode not in ("L", "I", "I;16", "F"):
+                    image = image.convert("L")
+                elif self.channels == 3 and image.mode != "RGB":
+                    image = image.convert("RGB")
+                array = np.array(image)
+                array = array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
+                return _as_float(array, self.channels, self.scale, "PIL image")
+        except ImportError:  # pragma: no cover
+            pass
+        array = np.asarray(image)
+        return _as_float(to_chw(array, self.channels), self.channels, self.scale, "array")
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
+        x = self.load(image)
+        if x.shape[0] != self.channels:
+            if x.shape[0] != 1:
+                raise ValueError(
+                    f"The image has {x.shape[0]} bands but the model takes {self.channels}. "
+                    f"Set the model's in_chans={x.shape[0]}, or give images with {self.channels} band(s)."
+                )
+            x = x.expand(self.channels, -1, -1)
+        if self.training:
+            from torchvision.transforms.v2 import RandomResizedCrop
+
+            top, left, h, w = RandomResizedCrop.get_params(x, scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3])
+            x = TF.resized_crop(x, top, left, h, w, list(self.size), interpolation=self.interpolation, antialias=True)
+            if torch.rand(()) < 0.5:
+                x = TF.horizontal_flip(x)
+        else:
+            short = math.floor(min(self.size) / self.crop_pct)
+            x = TF.resize(x, [short], interpolation=self.interpolation, antialias=True)
+            x = TF.center_crop(x, list(self.size))
+        return ((x - self.mean) / self.std).contiguous()
+
+    def __repr__(self) -> str:
+        mode = "training" if self.training else "eval"
+        return (f"ImageTransform({mode}, bands={self.channels}, size={self.size}, crop_pct={self.crop_pct}, "
+                f"interpolation={self.interpolation.value}, scale={self.scale})")
+
+
+def per_band(values: Sequence[float], channels: int) -> tuple[float, ...]:
+    """Statistics of ``len(values)`` bands for ``channels`` bands, as timm's ``adapt_input_conv`` maps kernels:
+    averaged into one band, repeated cyclically into more."""
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    if channels == 1:
+        return (sum(values) / len(values),)
+    return tuple(values[i % len(values)] for i in range(channels))
