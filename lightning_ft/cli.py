@@ -46,10 +46,13 @@ class FineTuneCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         # one stable checkpoint folder per default_root_dir, with last.ckpt: `--ckpt_path last` finds it
         # (a logger's folder changes from run to run: W&B names it after a new run id)
-        stable = os.path.join(self.trainer.default_root_dir, "checkpoints")
+        root = str(self.trainer.default_root_dir)
+        stable = os.path.join(root, "checkpoints")
+        if "://" not in root:  # local: an absolute path; remote (s3://...): as given
+            stable = os.path.realpath(os.path.expanduser(stable))
         for callback in self.trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
-                callback.dirpath = os.path.realpath(os.path.expanduser(stable))
+                callback.dirpath = stable
                 if callback.save_last is None:
                     callback.save_last = True
 

@@ -67,7 +67,7 @@ def stratified_split(
             raise ValueError(
                 f"Cannot carve a stratified {name} split ({name}_fraction={fraction:.3g} of {len(idx)} images, "
                 f"{np.count_nonzero(counts)} classes, the smallest with {counts[counts > 0].min()} images): {err} "
-                f"Give the {name} split its own folder, raise {name}_fraction, or set {name}_fraction=0."
+                f"Raise {name}_fraction, set {name}_fraction=0, or (image folders) give the {name} split its own folder."
             ) from None
 
     test = np.array([], dtype=int)
@@ -149,6 +149,13 @@ class InMemoryImageDataModule(L.LightningDataModule):
         std = tuple(hp.std) if hp.std is not None else tuple(model_cfg.get("std", (0.5,) * channels))
         mean, std = per_band(mean, channels), per_band(std, channels)
         return {"image_size": int(size), "channels": int(channels), "mean": mean, "std": std}
+
+    def transform_config(self) -> dict[str, Any]:
+        """The recipe of :meth:`preprocess` as a data config (bilinear resize of the whole image, no crop): the
+        model records it, so ``model.transform()`` prepares an image ``(H, W)`` in [0, 1] as training did."""
+        cfg = self.resolved_config()
+        return {"input_size": (cfg["channels"], cfg["image_size"], cfg["image_size"]), "mean": cfg["mean"],
+                "std": cfg["std"], "interpolation": "bilinear", "crop_pct": 1.0}
 
     def preprocess(self, images: np.ndarray) -> torch.Tensor:
         cfg = self.resolved_config()
@@ -493,9 +500,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         if stage == "predict" and self.predict_path is not None:
             self._setup_predict()
             return
-        if not self.splits:
+        if "train" not in self.splits:  # also after setup("predict"), which only reads the predict folder
             self._setup_splits()
-        if stage in ("fit", None):
+        if stage == "fit" and self._model() is not None:
             self._check_model()
         if self.predict_path is not None and "predict" not in self.splits:
             self._setup_predict()
@@ -526,15 +533,16 @@ class ImageFolderDataModule(L.LightningDataModule):
     def _setup_predict(self) -> None:
         path = self.predict_path
         assert path is not None
+        from lightning_ft.inputs import SUFFIXES
+
+        loose = path.is_dir() and any(p.is_file() and p.suffix.lower() in SUFFIXES for p in path.iterdir())
         if path.is_file():
             samples, classes = [(str(path), -1)], []
-        elif any(p.is_dir() for p in path.iterdir()):
+        elif any(p.is_dir() for p in path.iterdir()) and not loose:  # class folders: their names are the labels
             samples, classes = _scan(path)
-        else:
+        else:  # every image file under it, unlabelled
             samples, classes = [(p, -1) for p in _files(path)], []
         if not samples:
-            from lightning_ft.inputs import SUFFIXES
-
             raise FileNotFoundError(f"predict='{path}' holds no image files ({', '.join(SUFFIXES)}).")
         self.splits["predict"] = FileDataset(samples, classes)
 

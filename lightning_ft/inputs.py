@@ -34,6 +34,7 @@ __all__ = [
     "TRANSFORM_KEYS",
     "ImageTransform",
     "per_band",
+    "pil_to_chw",
     "read_image",
     "to_chw",
 ]
@@ -45,17 +46,36 @@ SUFFIXES = IMAGE_SUFFIXES + ARRAY_SUFFIXES + TIFF_SUFFIXES
 TRANSFORM_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "scale")
 
 
+_HIGH_DEPTH = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # one band of more than 8 bits: never convert()
+
+
+def pil_to_chw(img: Any, channels: int | None) -> np.ndarray:
+    """A Pillow image as ``(C, H, W)``: converted to luma for 1 band or RGB for 3 (8-bit modes only), palettes
+    expanded; 16-bit and float images kept as one band of their own values (``convert`` would clip them)."""
+    if img.mode in _HIGH_DEPTH:
+        array = np.array(img)
+        if img.mode == "I" and array.size and array.min() >= 0 and array.max() <= 65535:
+            array = array.astype(np.uint16)  # 16-bit PNG/PGM that Pillow opened as 32-bit integers
+        return array[None]
+    if img.mode == "1":
+        img = img.convert("L")
+    if channels == 1 and img.mode != "L":
+        img = img.convert("L")  # luma, as a grayscale model sees a colour picture
+    elif channels == 3 and img.mode != "RGB":
+        img = img.convert("RGB")  # grayscale repeated, palette expanded, alpha dropped
+    elif img.mode in ("P", "PA"):
+        img = img.convert("RGBA" if "transparency" in img.info or img.mode == "PA" else "RGB")
+    elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        img = img.convert("RGB")
+    array = np.array(img)
+    return array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
+
+
 def _read_pil(path: Path, channels: int | None) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as img:
-        if channels == 1 and img.mode not in ("L", "I", "I;16", "F"):
-            img = img.convert("L")  # luma, as a grayscale model sees a colour picture
-        elif channels == 3 and img.mode != "RGB":
-            img = img.convert("RGB")  # grayscale repeated, palette expanded, alpha dropped
-        elif img.mode == "P":
-            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        return np.array(img)
+        return pil_to_chw(img, channels)
 
 
 def _read_tiff(path: Path) -> np.ndarray:
@@ -97,7 +117,6 @@ def read_image(path: str | Path, channels: int | None = None, scale: float | Non
         array = to_chw(_read_tiff(path), channels, path)
     elif suffix in IMAGE_SUFFIXES:
         array = _read_pil(path, channels)
-        array = array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
     else:
         raise ValueError(f"'{path}': unknown image type '{suffix}'. Supported: {', '.join(SUFFIXES)}.")
     return _as_float(array, channels, scale, path)
@@ -105,9 +124,16 @@ def read_image(path: str | Path, channels: int | None = None, scale: float | Non
 
 def _as_float(array: np.ndarray, channels: int | None, scale: float | None, path: Any) -> torch.Tensor:
     if array.dtype == np.bool_:
-        array = array.astype(np.uint8)
+        array = array.astype(np.float32)  # masks: 0 and 1
+    if scale is None and np.issubdtype(array.dtype, np.integer):
+        if np.iinfo(array.dtype).bits > 16:
+            raise ValueError(
+                f"'{path}' has {array.dtype} pixels: their scale cannot be told from the type (dividing by its largest "
+                "value would leave ~0). Set scale= (e.g. scale=255 for 8-bit values, 10000 for Sentinel-2 reflectances)."
+            )
+        scale = float(np.iinfo(array.dtype).max)
     if scale is None:
-        scale = float(np.iinfo(array.dtype).max) if np.issubdtype(array.dtype, np.integer) else 1.0
+        scale = 1.0
     x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     if scale != 1.0:
         x = x / scale
@@ -170,23 +196,14 @@ class ImageTransform:
         if isinstance(image, (str, Path)):
             return read_image(image, self.channels, self.scale)
         if isinstance(image, torch.Tensor):
-            x = image if image.ndim == 3 else image[None]
-            if not x.dtype.is_floating_point:
-                return _as_float(x.numpy(), self.channels, self.scale, "tensor")
-            return _as_float(x.float().numpy(), self.channels, self.scale, "tensor") if self.scale else x.float()
-        try:
-            from PIL import Image
+            x = image.detach().cpu()
+            x = x if x.ndim == 3 else x[None]
+            x = x.float() if x.dtype.is_floating_point else x  # bf16/fp16 have no numpy type
+            return _as_float(x.numpy(), self.channels, self.scale, "tensor")
+        from PIL import Image
 
-            if isinstance(image, Image.Image):
-                if self.channels == 1 and image.mode not in ("L", "I", "I;16", "F"):
-                    image = image.convert("L")
-                elif self.channels == 3 and image.mode != "RGB":
-                    image = image.convert("RGB")
-                array = np.array(image)
-                array = array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
-                return _as_float(array, self.channels, self.scale, "PIL image")
-        except ImportError:  # pragma: no cover
-            pass
+        if isinstance(image, Image.Image):
+            return _as_float(pil_to_chw(image, self.channels), self.channels, self.scale, "PIL image")
         array = np.asarray(image)
         return _as_float(to_chw(array, self.channels), self.channels, self.scale, "array")
 

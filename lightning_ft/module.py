@@ -207,8 +207,10 @@ class FineTuneModule(L.LightningModule):
         return config
 
     def transform(self, training: bool = False) -> ImageTransform:
-        """The transform that prepared this model's inputs: a path, PIL image or array in, a normalised
-        tensor ``(C, H, W)`` out (the evaluation recipe; ``training=True`` for the random one).
+        """How this model's inputs are prepared: a path, PIL image, array or tensor in, a normalised tensor
+        ``(C, H, W)`` out (the evaluation recipe; ``training=True`` for the random one). After a fit on
+        ``ImageFolderDataModule`` or the in-memory datamodules it is the recipe they used (their
+        ``transform_config()`` is recorded in ``input_config``); otherwise timm's for the backbone.
 
         ``torch.stack([model.transform()(p) for p in paths])`` is a batch for ``model(...)``.
         """
@@ -257,17 +259,6 @@ class FineTuneModule(L.LightningModule):
                 list(self.backbone.modules()),
                 "the backbone is frozen (freeze_backbone=True), so its BatchNorm keeps the pretrained statistics",
             ))
-
-    def on_train_start(self) -> None:
-        from lightning_ft import modes
-
-        modes.explain(self.trainer, self)
-
-    def teardown(self, stage: str) -> None:
-        if self._trainer is not None:
-            from lightning_ft import modes
-
-            modes.release(self.trainer)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Lightning restores each submodule's mode by attribute after validation, bypassing train():

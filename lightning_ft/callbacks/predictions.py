@@ -72,7 +72,9 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         suffix = Path(path).suffix.lower()
         if suffix not in _FORMATS:
-            raise ValueError(f"PredictionWriter writes .csv or .jsonl files, got '{path}'. Name the file *.csv or *.jsonl.")
+            raise ValueError(
+                f"PredictionWriter writes .csv or JSON lines (.jsonl, .json) files, got '{path}'. Name the file *.csv or *.jsonl."
+            )
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}.")
         self.path = Path(path).expanduser()
@@ -127,9 +129,11 @@ class PredictionWriter(BasePredictionWriter):
 
     def _class_names(self, trainer: L.Trainer, pl_module: L.LightningModule, num_classes: int) -> list[str]:
         for names in (getattr(pl_module, "class_names", None), getattr(trainer.datamodule, "classes", None)):
-            if names is not None and len(names) == num_classes:
+            if not names:  # None, or a predict-only datamodule's empty list
+                continue
+            if len(names) == num_classes:
                 return [str(n) for n in names]
-            if names is not None:
+            else:
                 rank_zero_warn(f"PredictionWriter: {len(names)} class names for {num_classes} outputs; writing indices.")
                 break
         return [str(i) for i in range(num_classes)]

@@ -480,7 +480,6 @@ class GradualUnfreezing(Callback):
         )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        modes.explain(trainer, pl_module)
         if self.warmup_steps:  # here, not in on_fit_start: LayerwiseLRDecay may rebuild the groups there
             mixed = [
                 group_label(g, i)
@@ -601,7 +600,6 @@ class GradualUnfreezing(Callback):
         return value > self.best + self.min_delta
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        modes.release(trainer)
         for h in self._hooks:
             h.remove()
         self._hooks = []

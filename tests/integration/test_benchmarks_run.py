@@ -264,6 +264,18 @@ def check_memory(out: str) -> None:
         assert _number(one["activations kept (MiB)"]) == _number(two["activations kept (MiB)"]), (one, two)
 
 
+def check_image_folder(out: str) -> None:
+    (rows,) = _table(out, "arm")
+    assert [r["arm"] for r in rows] == ["eval, timm + ImageFolder", "eval, ours", "train, timm + ImageFolder",
+                                        "train, ours", "eval, ours, 4-band TIFF"], rows
+    for row in rows:
+        _positive(_number(row["ms per image"]), f"time {row}")
+        bands = 4 if "TIFF" in row["arm"] else 3
+        assert row["batch shape"] == f"({bands}, 224, 224)", row
+        if row["arm"] in ("eval, ours", "train, ours"):
+            _positive(_number(row["ours / baseline"]), f"ratio {row}")
+
+
 # case -> (script, quick-mode arguments, strings its output must hold, check of the numbers it prints)
 BENCHMARKS: dict[str, tuple[str, list[str], list[str], Callable[[str], None]]] = {
     "unfreezing": ("unfreezing.py", ["--quick"],
@@ -286,6 +298,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], Callable[[str], None]]] =
     "prefix_cache": ("prefix_cache.py", ["--quick"], ["| 0 | head |", "| 3 | head, blocks.6.0, blocks.5.3, blocks.5.0",
                                                       "final weights"], check_prefix_cache),
     "memory": ("memory.py", ["--quick"], ["1 process", "DDP, 2 CPU ranks", "| 0 |"], check_memory),
+    "image_folder": ("image_folder.py", ["--quick"], ["| eval, ours |", "| train, ours |"], check_image_folder),
 }
 
 

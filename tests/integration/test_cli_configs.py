@@ -204,3 +204,21 @@ def _levels_from_architecture(backbone: torch.nn.Module) -> list[str]:
     else:
         raise AssertionError(f"count the depth levels of {type(backbone).__name__} here for its layer-decay check")
     return ["stem", *blocks, "head"]
+
+
+@pytest.mark.slow
+def test_linear_probe_config_pointed_at_a_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The documented override: configs/linear_probe.yaml with an ImageFolderDataModule, its defaults kept
+    (two workers, augment=None): FeatureCache accepts the loaders and the backbone stays frozen."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lightning-ft"])
+    folder = write_digits_folder(tmp_path / "folder", size=24, per_class=4)
+    cli = run(args=["fit", "--config", str(CONFIGS / "linear_probe.yaml"), "--data=lightning_ft.data.ImageFolderDataModule",
+                    f"--data.root={folder}", "--trainer.max_epochs=2", f"--trainer.default_root_dir={tmp_path / 'run'}",
+                    "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+                    "--test_after_fit=false"])
+    dm = cli.datamodule
+    assert type(dm).__name__ == "ImageFolderDataModule" and dm.num_workers == 2 and dm.cfg.augment is None
+    assert len(dm.splits["train"]) == 30 and len(dm.splits["val"]) == 10  # one per class carved for validation
+    assert cli.trainer.global_step == 2  # one batch of 32 per epoch
+    assert cli.model.class_names == sorted(dm.classes) and cli.model.freeze_backbone

@@ -71,13 +71,14 @@ def test_fit_predict_and_export_on_a_grayscale_png_folder(tmp_path: Path, folder
     assert "test accuracy: " in out and f"checkpoints: {run / 'checkpoints'}" in out
     last = run / "checkpoints" / "last.ckpt"
 
-    # predict new, unlabelled images: a flat folder of files
+    # predict new, unlabelled images (a flat folder of files) from `last`: the model is built from the config, so
+    # its class names and input recipe come back from the checkpoint
     new = tmp_path / "new"
     new.mkdir()
     for i, path in enumerate(sorted((folders["png"] / "test").rglob("*.png"))[::3]):
         shutil.copy(path, new / f"img{i:02d}.png")
     out = ok(lightning_ft("predict", "--config", str(CONFIG), f"--data.root={folders['png']}", f"--data.predict={new}",
-                          "--model.in_chans=1", f"--trainer.default_root_dir={run}", f"--ckpt_path={last}",
+                          "--model.in_chans=1", f"--trainer.default_root_dir={run}", "--ckpt_path=last",
                           "--predictions", str(tmp_path / "preds.csv"), "--top_k=3",
                           "--trainer.enable_progress_bar=false", cwd=tmp_path))
     rows = list(csv.DictReader(open(tmp_path / "preds.csv")))

@@ -6,6 +6,7 @@ Lightning's eval-mode warning replaced by our line."""
 from __future__ import annotations
 
 import inspect
+import shutil
 import logging
 import warnings
 from collections import Counter
@@ -220,3 +221,49 @@ def test_other_eval_mode_modules_still_warn(caplog: pytest.LogCaptureFixture) ->
     messages = _fit_and_collect(plain, [], caplog)  # no holder at all: Lightning's own warning
     n_head = len(list(plain.head.modules()))
     assert len(messages) == 1 and messages[0].startswith(f"Found {n_head} module(s) in eval mode at the start of training.")
+
+
+def test_a_failed_fit_leaves_no_trace_on_the_next_one(caplog: pytest.LogCaptureFixture) -> None:
+    """The eval-mode explanation is bound to one trainer's fit loop: a fit that fails before training starts
+    leaves no warning filter behind, and other warning filters are never touched."""
+    import warnings as w
+
+    before = list(w.filters)
+
+    class Boom(L.Callback):
+        def on_sanity_check_start(self, trainer, pl_module):
+            raise RuntimeError("boom")
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 1, 16, 16), torch.arange(4)),
+                                         batch_size=2)
+    with pytest.raises(RuntimeError, match="boom"):
+        fast_trainer(callbacks=[Boom()], num_sanity_val_steps=1).fit(tiny_model(freeze_backbone=True), loader, loader)
+    assert list(w.filters) == before
+    plain = tiny_model()
+    plain.head.eval()
+    assert len(_fit_and_collect(plain, [], caplog)) == 1  # Lightning's warning is back for the next trainer
+    assert list(w.filters) == before
+
+
+def test_predict_setup_then_fit_and_a_predict_folder_with_loose_files(tmp_path: Path, png_folder: Path) -> None:
+    new = tmp_path / "new"
+    (new / "sub").mkdir(parents=True)
+    for i, src in enumerate(sorted((png_folder / "test").rglob("*.png"))[:3]):
+        shutil.copy(src, (new if i < 2 else new / "sub") / f"{i}.png")
+    dm = ImageFolderDataModule(str(png_folder), num_workers=0, predict=str(new), image_size=16, mean=[0.5], std=[0.5])
+    dm.setup("predict")
+    assert len(dm.splits["predict"]) == 3 and set(dm.splits["predict"].targets) == {-1}  # loose files: all, unlabelled
+    dm.setup("fit")  # the training splits are read after a predict-only setup too
+    assert {"train", "val", "test", "predict"} <= set(dm.splits)
+
+
+def test_in_memory_datamodules_record_their_recipe_so_model_transform_matches(tmp_path: Path) -> None:
+    from lightning_ft.data import DigitsDataModule
+
+    dm = DigitsDataModule(batch_size=8, limit=16)
+    model = tiny_model(img_size=24)
+    fast_trainer(max_steps=1, default_root_dir=tmp_path, limit_val_batches=0).fit(model, datamodule=dm)
+    assert model.data_config["crop_pct"] == 1.0 and model.data_config["interpolation"] == "bilinear"
+    images, _ = dm.load_arrays()
+    index = dm.train_set.indices[0]
+    torch.testing.assert_close(model.transform()(images[index]), dm.train_set[0][0], rtol=0, atol=1e-5)

@@ -148,6 +148,9 @@ def test_full_llrd_with_wandb_offline(tmp_path: Path, monkeypatch: pytest.Monkey
         assert cli.trainer.global_step == TRAIN_BATCHES
         # the base config's callbacks survived the overlay (its trainer section has no callbacks list)
         assert {type(c).__name__ for c in cli.trainer.callbacks} >= {"ModelCheckpoint", "LearningRateMonitor"}
+        # checkpoints in one stable folder (not under the W&B run id), with last.ckpt: `--ckpt_path last` finds them
+        stable = (tmp_path / "run" / "checkpoints").resolve()
+        assert Path(cli.trainer.checkpoint_callback.dirpath) == stable and (stable / "last.ckpt").is_file()
         group_names = [g["name"] for g in cli.trainer.optimizers[0].param_groups]
         depth = {g["name"]: g["layer_id"] for g in cli.trainer.optimizers[0].param_groups}
     finally:

@@ -127,3 +127,34 @@ def test_class_names_are_checked_against_num_classes() -> None:
         FineTuneModule(backbone="test_resnet", num_classes=3, class_names=["a", "b"])
     with pytest.raises(ValueError, match="repeats a name"):
         FineTuneModule(backbone="test_resnet", num_classes=2, class_names=["a", "a"])
+
+
+def test_sixteen_bit_images_keep_their_values_in_a_three_band_model(tmp_path: Path) -> None:
+    """Pillow's convert('RGB') would clip 16-bit values at 255: they are read as one band and repeated."""
+    ramp = np.linspace(0, 65535, 64 * 4).astype(np.uint16).reshape(4, 64)
+    Image.fromarray(ramp).save(tmp_path / "r.png")
+    x = read_image(tmp_path / "r.png", channels=3)
+    assert x.shape == (3, 4, 64) and torch.equal(x[0], x[2])
+    torch.testing.assert_close(x[0], torch.from_numpy(ramp / 65535.0).float())
+    # a 16-bit PGM opens as 32-bit integers ('I'): its values still fit 16 bits, so 65535 is white
+    pixels = np.array([[0, 1000], [30000, 65535]], dtype=np.uint16)
+    (tmp_path / "d.pgm").write_bytes(b"P5\n2 2\n65535\n" + pixels.astype(">u2").tobytes())
+    assert Image.open(tmp_path / "d.pgm").mode in ("I", "I;16", "I;16B")
+    torch.testing.assert_close(read_image(tmp_path / "d.pgm", channels=1)[0], torch.from_numpy(pixels / 65535.0).float())
+
+
+def test_a_pil_image_in_memory_is_read_like_its_file(tmp_path: Path) -> None:
+    palette = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8), mode="L").convert("P")
+    palette.save(tmp_path / "p.png")
+    for chans in (1, 3):
+        t = ImageTransform({"input_size": (chans, 8, 8), "mean": (0.0,) * chans, "std": (1.0,) * chans})
+        assert torch.equal(t(Image.open(tmp_path / "p.png")), t(tmp_path / "p.png"))
+
+
+def test_integer_pixels_wider_than_16_bits_need_a_scale_and_masks_are_zero_one(tmp_path: Path) -> None:
+    np.save(tmp_path / "i.npy", np.full((2, 3, 3), 200, np.int32))
+    with pytest.raises(ValueError, match=r"int32 pixels.*Set scale="):
+        read_image(tmp_path / "i.npy", channels=2)
+    torch.testing.assert_close(read_image(tmp_path / "i.npy", channels=2, scale=255.0), torch.full((2, 3, 3), 200 / 255))
+    np.save(tmp_path / "m.npy", np.eye(3, dtype=bool))
+    assert torch.equal(read_image(tmp_path / "m.npy", channels=1)[0], torch.eye(3))
