@@ -107,46 +107,58 @@ def to_chw(array: np.ndarray, channels: int | None = None, path: str | Path = "a
     return array if first <= last else np.moveaxis(array, -1, 0)
 
 
+def _read_array(path: Path, channels: int | None) -> np.ndarray:
+    suffix = path.suffix.lower()
+    if suffix in ARRAY_SUFFIXES:
+        return to_chw(np.load(path, allow_pickle=False), channels, path)
+    if suffix in TIFF_SUFFIXES:
+        return to_chw(_read_tiff(path), channels, path)
+    if suffix in IMAGE_SUFFIXES:
+        return _read_pil(path, channels)
+    raise ValueError(f"'{path}': unknown image type '{suffix}'. Supported: {', '.join(SUFFIXES)}.")
+
+
 def read_image(path: str | Path, channels: int | None = None, scale: float | None = None) -> torch.Tensor:
     """The file at ``path`` as a float32 tensor ``(C, H, W)`` (see the module docstring for the rules)."""
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in ARRAY_SUFFIXES:
-        array = to_chw(np.load(path, allow_pickle=False), channels, path)
-    elif suffix in TIFF_SUFFIXES:
-        array = to_chw(_read_tiff(path), channels, path)
-    elif suffix in IMAGE_SUFFIXES:
-        array = _read_pil(path, channels)
-    else:
-        raise ValueError(f"'{path}': unknown image type '{suffix}'. Supported: {', '.join(SUFFIXES)}.")
-    return _as_float(array, channels, scale, path)
+    return _as_float(_read_array(path, channels), channels, scale, path)
 
 
-def _as_float(array: np.ndarray, channels: int | None, scale: float | None, path: Any) -> torch.Tensor:
+def _raw(array: np.ndarray, channels: int | None, scale: float | None, path: Any) -> tuple[torch.Tensor, float]:
+    """``(pixels, divisor)``: 8-bit pixels stay uint8 (resized as such, like Pillow and timm do, which is
+    faster), anything else float32; the divisor turns them into the values the model sees."""
     if array.dtype == np.bool_:
         array = array.astype(np.float32)  # masks: 0 and 1
-    if scale is None and np.issubdtype(array.dtype, np.integer):
+    divisor = scale
+    if divisor is None and np.issubdtype(array.dtype, np.integer):
         if np.iinfo(array.dtype).bits > 16:
             raise ValueError(
                 f"'{path}' has {array.dtype} pixels: their scale cannot be told from the type (dividing by its largest "
                 "value would leave ~0). Set scale= (e.g. scale=255 for 8-bit values, 10000 for Sentinel-2 reflectances)."
             )
-        scale = float(np.iinfo(array.dtype).max)
-    if scale is None:
-        scale = 1.0
-    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    if scale != 1.0:
-        x = x / scale
-    if channels is not None and x.shape[0] != channels:
-        if x.shape[0] == 1:
-            x = x.expand(channels, -1, -1).contiguous()  # one band into a model of several
-        else:
-            raise ValueError(
-                f"'{path}' has {x.shape[0]} bands (shape {tuple(x.shape)}) but the model takes {channels} "
-                f"(in_chans={channels}). Set the model's in_chans={x.shape[0]} (timm adapts the pretrained stem "
-                "to any band count), or give files with the model's band count."
-            )
+        divisor = float(np.iinfo(array.dtype).max)
+    dtype = np.uint8 if array.dtype == np.uint8 else np.float32
+    x = torch.from_numpy(np.ascontiguousarray(array, dtype=dtype))
+    if channels is not None and x.shape[0] not in (1, channels):
+        raise ValueError(
+            f"'{path}' has {x.shape[0]} bands (shape {tuple(x.shape)}) but the model takes {channels} "
+            f"(in_chans={channels}). Set the model's in_chans={x.shape[0]} (timm adapts the pretrained stem "
+            "to any band count), or give files with the model's band count."
+        )
+    return x, float(divisor or 1.0)
+
+
+def _finish(x: torch.Tensor, divisor: float, channels: int | None) -> torch.Tensor:
+    x = x.float()
+    if divisor != 1.0:
+        x = x / divisor
+    if channels is not None and x.shape[0] == 1 and channels > 1:
+        x = x.expand(channels, -1, -1).contiguous()  # one band into a model of several
     return x
+
+
+def _as_float(array: np.ndarray, channels: int | None, scale: float | None, path: Any) -> torch.Tensor:
+    return _finish(*_raw(array, channels, scale, path), channels)
 
 
 def _interpolation(name: str | None) -> Any:
@@ -191,33 +203,28 @@ class ImageTransform:
         self.scale = data_config.get("scale")
         self.training = training
 
-    def load(self, image: Any) -> torch.Tensor:
-        """A path, PIL image, array ``(H, W[, C])`` / ``(C, H, W)`` or tensor ``(C, H, W)`` as float ``(C, H, W)``."""
+    def _load_raw(self, image: Any) -> tuple[torch.Tensor, float]:
         if isinstance(image, (str, Path)):
-            return read_image(image, self.channels, self.scale)
+            return _raw(_read_array(Path(image), self.channels), self.channels, self.scale, image)
         if isinstance(image, torch.Tensor):
             x = image.detach().cpu()
             x = x if x.ndim == 3 else x[None]
             x = x.float() if x.dtype.is_floating_point else x  # bf16/fp16 have no numpy type
-            return _as_float(x.numpy(), self.channels, self.scale, "tensor")
+            return _raw(x.numpy(), self.channels, self.scale, "tensor")
         from PIL import Image
 
         if isinstance(image, Image.Image):
-            return _as_float(pil_to_chw(image, self.channels), self.channels, self.scale, "PIL image")
-        array = np.asarray(image)
-        return _as_float(to_chw(array, self.channels), self.channels, self.scale, "array")
+            return _raw(pil_to_chw(image, self.channels), self.channels, self.scale, "PIL image")
+        return _raw(to_chw(np.asarray(image), self.channels), self.channels, self.scale, "array")
+
+    def load(self, image: Any) -> torch.Tensor:
+        """A path, PIL image, array ``(H, W[, C])`` / ``(C, H, W)`` or tensor ``(C, H, W)`` as float ``(C, H, W)``."""
+        return _finish(*self._load_raw(image), self.channels)
 
     def __call__(self, image: Any) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as TF
 
-        x = self.load(image)
-        if x.shape[0] != self.channels:
-            if x.shape[0] != 1:
-                raise ValueError(
-                    f"The image has {x.shape[0]} bands but the model takes {self.channels}. "
-                    f"Set the model's in_chans={x.shape[0]}, or give images with {self.channels} band(s)."
-                )
-            x = x.expand(self.channels, -1, -1)
+        x, divisor = self._load_raw(image)  # geometry first, on 8-bit pixels where they are 8-bit
         if self.training:
             from torchvision.transforms.v2 import RandomResizedCrop
 
@@ -229,6 +236,7 @@ class ImageTransform:
             short = math.floor(min(self.size) / self.crop_pct)
             x = TF.resize(x, [short], interpolation=self.interpolation, antialias=True)
             x = TF.center_crop(x, list(self.size))
+        x = _finish(x, divisor, self.channels)
         return ((x - self.mean) / self.std).contiguous()
 
     def __repr__(self) -> str:
