@@ -37,8 +37,11 @@ def ok(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def quick(root: Path, data: Path, in_chans: int) -> list[str]:
+    """The README's config on a test folder, a few steps of a tiny timm model (the config's own backbone runs
+    in test_cli_configs.py)."""
     return [
         "--config", str(CONFIG), f"--data.root={data}", f"--model.in_chans={in_chans}", "--model.img_size=32",
+        "--model.backbone=test_efficientnet", "--model.pretrained=null",
         "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
         "--trainer.limit_test_batches=1", f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false", "--data.batch_size=8",
@@ -78,7 +81,7 @@ def test_fit_predict_and_export_on_a_grayscale_png_folder(tmp_path: Path, folder
     for i, path in enumerate(sorted((folders["png"] / "test").rglob("*.png"))[::3]):
         shutil.copy(path, new / f"img{i:02d}.png")
     out = ok(lightning_ft("predict", "--config", str(CONFIG), f"--data.root={folders['png']}", f"--data.predict={new}",
-                          "--model.in_chans=1", f"--trainer.default_root_dir={run}", "--ckpt_path=last",
+                          "--model.in_chans=1", "--model.backbone=test_efficientnet", "--model.pretrained=null", f"--trainer.default_root_dir={run}", "--ckpt_path=last",
                           "--predictions", str(tmp_path / "preds.csv"), "--top_k=3",
                           "--trainer.enable_progress_bar=false", cwd=tmp_path))
     rows = list(csv.DictReader(open(tmp_path / "preds.csv")))
@@ -122,8 +125,7 @@ def test_an_interrupted_run_resumes_from_last_and_ends_where_the_uninterrupted_o
     """Ctrl-C (a real SIGINT) at the start of epoch 2, then ``--ckpt_path last``: the final weights equal an
     uninterrupted run's bitwise (the folder's shuffle is a function of seed and epoch)."""
     def args(root: Path) -> list[str]:
-        return [*quick(root, folders["png"], 1), "--trainer.max_epochs=3", "--test_after_fit=false",
-                "--model.backbone=test_efficientnet", "--model.pretrained=null"]
+        return [*quick(root, folders["png"], 1), "--trainer.max_epochs=3", "--test_after_fit=false"]
 
     ok(lightning_ft("fit", *args(tmp_path / "straight"), cwd=tmp_path))
     broken = lightning_ft("fit", *args(tmp_path / "resumed"), "--trainer.callbacks+=tests.helpers.SigintAt",
