@@ -165,8 +165,14 @@ def _interpolation(name: str | None) -> Any:
     from torchvision.transforms import InterpolationMode
 
     name = (name or "bilinear").lower()
+    if name == "lanczos":  # Pillow-only in torchvision; tensors of any band count get the nearest relative
+        import warnings
+
+        warnings.warn("interpolation 'lanczos' is done as 'bicubic' on tensors (torchvision resizes tensors with "
+                      "bilinear, bicubic or nearest only).", stacklevel=3)
+        name = "bicubic"
     modes = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
-             "nearest": InterpolationMode.NEAREST, "lanczos": InterpolationMode.BILINEAR}
+             "nearest": InterpolationMode.NEAREST}
     if name not in modes:
         raise ValueError(f"interpolation '{name}' is not one of {', '.join(sorted(modes))}.")
     return modes[name]

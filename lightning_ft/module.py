@@ -504,6 +504,11 @@ class FineTuneModule(L.LightningModule):
         # class names and input preparation come back with the weights (a model built from a config
         # for predict has none of its own)
         saved = checkpoint.get("hyper_parameters") or {}
+        if self.class_names is not None and saved.get("class_names") and list(saved["class_names"]) != self.class_names:
+            raise ValueError(
+                f"The checkpoint's class_names ({_short(list(saved['class_names']))}) differ from this model's "
+                f"({_short(self.class_names)}, from the data). Resume with the data the checkpoint was trained on."
+            )
         if self.class_names is None and saved.get("class_names") is not None:
             self.class_names = list(saved["class_names"])
             self.hparams["class_names"] = self.class_names

@@ -267,3 +267,11 @@ def test_in_memory_datamodules_record_their_recipe_so_model_transform_matches(tm
     images, _ = dm.load_arrays()
     index = dm.train_set.indices[0]
     torch.testing.assert_close(model.transform()(images[index]), dm.train_set[0][0], rtol=0, atol=1e-5)
+
+
+def test_a_checkpoint_of_other_classes_is_refused_on_resume(tmp_path: Path, png_folder: Path) -> None:
+    model = tiny_model()
+    model.class_names = sorted(DIGIT_NAMES)
+    checkpoint = {"hyper_parameters": {"class_names": [str(i) for i in range(10)]}, "state_dict": {}}
+    with pytest.raises(ValueError, match="checkpoint's class_names .* differ from this model's"):
+        model.on_load_checkpoint(checkpoint)
