@@ -407,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="AdamW weight decay (default 0: BackboneFinetuning cannot spare biases/norms, so all tools match)")
     parser.add_argument("--tools", default=",".join(DEFAULT_TOOLS),
                         help="comma-separated subset of " + ",".join(TOOLS) + " (ours always runs: the baseline)")
+    parser.add_argument("--no-forward", action="store_true",
+                        help="skip the no-grad forward reference run (its table); for quick checks of the others")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
@@ -460,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[str] = []
     try:
         # the no-grad forward baseline once (speed only), with the first seed
-        for seed, tool in [(seed, tool) for seed in seeds for tool in tools] + [(seed0, "forward")]:
+        reference = [] if args.no_forward else [(seed0, "forward")]
+        for seed, tool in [(seed, tool) for seed in seeds for tool in tools] + reference:
             data, error = _run_worker(tool, seed, args, tmp)
             if data is None:
                 first, _, tail = error.partition("\n")
