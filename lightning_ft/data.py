@@ -482,7 +482,9 @@ class ImageFolderDataModule(L.LightningDataModule):
             return bool(self.cfg.augment)
         model = self._model()
         trainer = getattr(self, "trainer", None)
-        cached = any(type(cb).__name__ == "FeatureCache" for cb in getattr(trainer, "callbacks", None) or [])
+        from lightning_ft.callbacks.feature_cache import FeatureCache
+
+        cached = any(isinstance(cb, FeatureCache) for cb in getattr(trainer, "callbacks", None) or [])
         frozen = bool(getattr(model, "freeze_backbone", False))
         if not self._augment_said:
             from lightning.pytorch.utilities import rank_zero_info
