@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import os
 import platform
 import resource
@@ -63,6 +64,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from typing import Any
 
 TOOLS = ("ours", "ours_eval", "ours_train_bn", "lightning", "fts")
@@ -126,27 +128,64 @@ def _loadavg() -> str:
 
 
 # ---------------------------------------------------------------------------------------- worker
+# The steps of one run, in its own subprocess: torch, Lightning and lightning_ft are imported inside these
+# functions, never in the parent, which only starts the runs and prints the tables.
 def _worker(tool: str, args: argparse.Namespace, out_path: str, tmp: str) -> None:
     """Run one tool (or the no-grad forward baseline) and write its measurements as JSON."""
-    import warnings
+    _quiet_libraries()
+    import lightning as L
+    import torch
 
+    result: dict[str, Any] = {"tool": tool, "torch_threads": torch.get_num_threads()}
+    L.seed_everything(args.seed, workers=True, verbose=False)
+    model = _build_model(tool, args)
+    dm = _build_data(model, args.seed)
+    phases = _phase_groups(model)
+    result["phases"] = [[g.name for g in groups] for groups in phases]
+    if tool == "forward":
+        result.update(_time_forward(model, dm, args))
+    else:
+        result.update(_fit(tool, model, dm, phases, args, tmp))
+        result["test_acc"] = _test_accuracy(model, dm, args, tmp)
+    result["max_rss_mib"] = _max_rss_mib()
+    with open(out_path, "w") as fh:
+        json.dump(result, fh)
+
+
+def _quiet_libraries() -> None:
+    """No warnings, and only the errors of Lightning's and finetuning-scheduler's loggers: a short run log."""
     warnings.filterwarnings("ignore")
-    import logging
-
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "finetuning_scheduler"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
-    import lightning as L
+
+def _build_model(tool: str, args: argparse.Namespace) -> Any:
+    """EfficientNet-Lite0 (pretrained, 1 band, 64 px) with AdamW, warm-up + cosine per step and no layer decay.
+
+    Ours (and the forward baseline) get a plain ``FineTuneModule``; BackboneFinetuning and FTS get one whose
+    optimizer holds the head only, as they expect, and for BackboneFinetuning a scheduler that follows the
+    param group it adds.
+    """
+    from lightning_ft import FineTuneModule
+
+    model_kwargs = dict(
+        backbone="tf_efficientnet_lite0", pretrained="efficientnet_lite0", num_classes=10, in_chans=1, img_size=64,
+        lr=args.lr, weight_decay=args.weight_decay, layer_decay=None, warmup=0.1, min_lr_ratio=0.01,
+    )
+    if tool in (*FROZEN_BN, "forward"):
+        return FineTuneModule(**model_kwargs)
+    model = _head_optimizer_module()(**model_kwargs)
+    if tool == "lightning":
+        model.scheduler_cls = _growing_lambda_lr()
+    return model
+
+
+def _head_optimizer_module() -> type:
+    """The class ``HeadOptimizerModule`` (defined here: torch and lightning_ft are imported in the worker only)."""
     import torch
-    from lightning.pytorch.callbacks import Callback
 
-    from lightning_ft import FineTuneModule, layer_groups
-    from lightning_ft.data import DigitsDataModule
+    from lightning_ft import FineTuneModule
     from lightning_ft.optim import WarmupCosine
-
-    E = args.epochs_per_phase
-    max_epochs = 3 * E
-    result: dict[str, Any] = {"tool": tool, "torch_threads": torch.get_num_threads()}
 
     class HeadOptimizerModule(FineTuneModule):
         """FineTuneModule whose optimizer holds the head only (what BackboneFinetuning and FTS expect:
@@ -162,6 +201,13 @@ def _worker(tool: str, args: argparse.Namespace, out_path: str, tmp: str) -> Non
             scheduler = self.scheduler_cls(optimizer, schedule)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    return HeadOptimizerModule
+
+
+def _growing_lambda_lr() -> type:
+    """The class ``GrowingLambdaLR`` (defined here: torch is imported in the worker only)."""
+    import torch
+
     class GrowingLambdaLR(torch.optim.lr_scheduler.LambdaLR):
         """LambdaLR that gives param groups added later the first group's base lr and lambda.
 
@@ -174,6 +220,124 @@ def _worker(tool: str, args: argparse.Namespace, out_path: str, tmp: str) -> Non
                 self.base_lrs = list(self.base_lrs) + [self.base_lrs[0]] * missing
                 self.lr_lambdas = list(self.lr_lambdas) + [self.lr_lambdas[0]] * missing
             return super().get_lr()
+
+    return GrowingLambdaLR
+
+
+def _build_data(model: Any, seed: int) -> Any:
+    """The digits, prepared as the model expects (size, band, mean/std), split by ``seed``, 32 a batch."""
+    from lightning_ft.data import DigitsDataModule
+
+    cfg = model.data_config
+    return DigitsDataModule(
+        batch_size=32, image_size=cfg["input_size"][-1], channels=cfg["input_size"][0],
+        mean=cfg["mean"], std=cfg["std"], seed=seed,
+    )
+
+
+def _phase_groups(model: Any) -> list[list[Any]]:
+    """The layer groups each phase adds, from lightning_ft's depth map (stem ... head): the head, then the
+    upper half of the groups, then the rest."""
+    from lightning_ft import layer_groups
+
+    groups = layer_groups(model)
+    head, body = groups[-1], groups[:-1]
+    top = body[len(groups) - len(groups) // 2:]
+    rest = [g for g in body if g not in top]
+    return [[head], top, rest]
+
+
+def _quick_limits(args: argparse.Namespace) -> dict[str, Any]:
+    """The Trainer's batch limits in --quick mode (none otherwise)."""
+    if not args.quick:
+        return {}
+    return dict(limit_train_batches=QUICK_BATCHES, limit_val_batches=QUICK_EVAL_BATCHES,
+                limit_test_batches=QUICK_EVAL_BATCHES)
+
+
+def _time_forward(model: Any, dm: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The no-grad forward baseline: E passes (the first cold, as the E epochs of phase 0) of ``model.eval()``
+    under ``torch.no_grad()`` over the training batches, each timed, and the peak RSS meanwhile."""
+    import torch
+
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    n = QUICK_BATCHES if args.quick else len(loader)
+    model.eval()
+    passes = []
+    _reset_peak_rss()
+    with torch.no_grad():
+        for _ in range(args.epochs_per_phase):
+            t0 = time.perf_counter()
+            for i, (x, _y) in enumerate(loader):
+                if i >= n:
+                    break
+                model(x)
+            passes.append(time.perf_counter() - t0)
+    return dict(passes_s=passes, batches=n, peak_rss_mib=(_proc_status_kib("VmHWM") or 0) / 1024.0)
+
+
+def _fit(tool: str, model: Any, dm: Any, phases: list[list[Any]], args: argparse.Namespace, tmp: str) -> dict[str, Any]:
+    """Train the three phases with the tool's callbacks: the RSS before the fit, the fit's time, and each epoch's
+    measurements (:func:`_phase_timer`)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    timer = _phase_timer(args.epochs_per_phase)
+    callbacks = [timer, *_tool_callbacks(tool, phases, args, tmp)]  # first: its epoch start runs before any transition
+    checkpointing = any(isinstance(cb, ModelCheckpoint) for cb in callbacks)  # FTS brings one: it requires one
+    trainer = L.Trainer(
+        callbacks=callbacks, accelerator="cpu", devices=1, max_epochs=3 * args.epochs_per_phase, logger=False,
+        enable_checkpointing=checkpointing, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, default_root_dir=tmp, log_every_n_steps=50, **_quick_limits(args),
+    )
+    result: dict[str, Any] = {"rss_before_fit_mib": (_proc_status_kib("VmRSS") or 0) / 1024.0}
+    t0 = time.perf_counter()
+    trainer.fit(model, datamodule=dm)
+    result["fit_s"] = time.perf_counter() - t0
+    result["epochs"] = timer.epochs
+    result["epochs_run"] = trainer.current_epoch
+    return result
+
+
+def _tool_callbacks(tool: str, phases: list[list[Any]], args: argparse.Namespace, tmp: str) -> list[Any]:
+    """The tool's callbacks for the same three phases, starting at epochs 0, E and 2E."""
+    E = args.epochs_per_phase
+    head, top, rest = phases
+    if tool in FROZEN_BN:
+        from lightning_ft.callbacks import GradualUnfreezing
+
+        return [GradualUnfreezing(monitor=None, milestones={E: [g.name for g in top], 2 * E: "all"},
+                                  frozen_bn=FROZEN_BN[tool], verbose=False)]
+    if tool == "lightning":
+        from lightning.pytorch.callbacks import BackboneFinetuning
+
+        # backbone lr at the thaw = the head's current lr (ratio 1.0), aligned with it afterwards
+        return [BackboneFinetuning(unfreeze_backbone_at_epoch=2 * E, backbone_initial_ratio_lr=1.0, should_align=True)]
+    if tool == "fts":
+        from finetuning_scheduler import FinetuningScheduler, FTSCheckpoint
+
+        names = lambda gs: [n for g in gs for n in g.param_names]  # noqa: E731
+        schedule = {
+            0: {"params": names(head), "max_transition_epoch": E},
+            1: {"params": names(top), "max_transition_epoch": 2 * E, "lr": args.lr},
+            2: {"params": names(rest), "max_transition_epoch": 3 * E, "lr": args.lr},
+        }
+        return [
+            FinetuningScheduler(
+                ft_schedule=schedule, epoch_transitions_only=True, restore_best=False, apply_lambdas_new_pgs=True,
+                log_dir=tmp, logging_level=logging.ERROR,
+            ),
+            FTSCheckpoint(monitor="val/loss", save_top_k=0, dirpath=os.path.join(tmp, "ckpt")),  # FTS requires one
+        ]
+    raise ValueError(f"unknown tool {tool!r}")
+
+
+def _phase_timer(epochs_per_phase: int) -> Any:
+    """A callback that records, per training epoch, its training time (epoch start -> last training batch end:
+    no validation), the time inside the batches, the peak RSS during its batches, and what it trains."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
 
     class PhaseTimer(Callback):
         """Training time per epoch (epoch start -> last training batch end: no validation) and peak RSS."""
@@ -205,7 +369,7 @@ def _worker(tool: str, args: argparse.Namespace, out_path: str, tmp: str) -> Non
             self.epochs.append(
                 {
                     "epoch": trainer.current_epoch,
-                    "phase": trainer.current_epoch // E,
+                    "phase": trainer.current_epoch // epochs_per_phase,
                     "train_s": self._last - self._t0,
                     "batches_s": self._batch_time,
                     "batches": self._batches,
@@ -217,101 +381,12 @@ def _worker(tool: str, args: argparse.Namespace, out_path: str, tmp: str) -> Non
                 }
             )
 
-    L.seed_everything(args.seed, workers=True, verbose=False)
-    model_kwargs = dict(
-        backbone="tf_efficientnet_lite0", pretrained="efficientnet_lite0", num_classes=10, in_chans=1, img_size=64,
-        lr=args.lr, weight_decay=args.weight_decay, layer_decay=None, warmup=0.1, min_lr_ratio=0.01,
-    )
-    model_cls = FineTuneModule if tool in (*FROZEN_BN, "forward") else HeadOptimizerModule
-    model = model_cls(**model_kwargs)
-    if tool == "lightning":
-        model.scheduler_cls = GrowingLambdaLR
-    cfg = model.data_config
-    dm = DigitsDataModule(
-        batch_size=32, image_size=cfg["input_size"][-1], channels=cfg["input_size"][0],
-        mean=cfg["mean"], std=cfg["std"], seed=args.seed,
-    )
-    limits: dict[str, Any] = {}
-    if args.quick:
-        limits = dict(limit_train_batches=QUICK_BATCHES, limit_val_batches=QUICK_EVAL_BATCHES,
-                      limit_test_batches=QUICK_EVAL_BATCHES)
+    return PhaseTimer()
 
-    # the phases, from lightning_ft's depth map (stem ... head): the upper half of the groups, then all
-    groups = layer_groups(model)
-    head, body = groups[-1], groups[:-1]
-    top = body[len(groups) - len(groups) // 2:]
-    rest = [g for g in body if g not in top]
-    result["phases"] = [
-        [head.name],
-        [g.name for g in top],
-        [g.name for g in rest],
-    ]
 
-    if tool == "forward":
-        dm.setup("fit")
-        loader = dm.train_dataloader()
-        n = QUICK_BATCHES if args.quick else len(loader)
-        model.eval()
-        passes = []
-        _reset_peak_rss()
-        with torch.no_grad():
-            for _ in range(E):  # E passes, the first cold, as the E epochs of phase 0
-                t0 = time.perf_counter()
-                for i, (x, _y) in enumerate(loader):
-                    if i >= n:
-                        break
-                    model(x)
-                passes.append(time.perf_counter() - t0)
-        result.update(passes_s=passes, batches=n, peak_rss_mib=(_proc_status_kib("VmHWM") or 0) / 1024.0)
-        result["max_rss_mib"] = _max_rss_mib()
-        with open(out_path, "w") as fh:
-            json.dump(result, fh)
-        return
-
-    timer = PhaseTimer()
-    callbacks: list[Callback] = [timer]  # first: its epoch start runs before any transition
-    trainer_kwargs: dict[str, Any] = dict(
-        accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp,
-        log_every_n_steps=50, **limits,
-    )
-    if tool in FROZEN_BN:
-        from lightning_ft.callbacks import GradualUnfreezing
-
-        callbacks.append(GradualUnfreezing(monitor=None, milestones={E: [g.name for g in top], 2 * E: "all"},
-                                           frozen_bn=FROZEN_BN[tool], verbose=False))
-    elif tool == "lightning":
-        from lightning.pytorch.callbacks import BackboneFinetuning
-
-        # backbone lr at the thaw = the head's current lr (ratio 1.0), aligned with it afterwards
-        callbacks.append(BackboneFinetuning(unfreeze_backbone_at_epoch=2 * E, backbone_initial_ratio_lr=1.0, should_align=True))
-    elif tool == "fts":
-        from finetuning_scheduler import FinetuningScheduler, FTSCheckpoint
-
-        names = lambda gs: [n for g in gs for n in g.param_names]  # noqa: E731
-        schedule = {
-            0: {"params": names([head]), "max_transition_epoch": E},
-            1: {"params": names(top), "max_transition_epoch": 2 * E, "lr": args.lr},
-            2: {"params": names(rest), "max_transition_epoch": max_epochs, "lr": args.lr},
-        }
-        callbacks += [
-            FinetuningScheduler(
-                ft_schedule=schedule, epoch_transitions_only=True, restore_best=False, apply_lambdas_new_pgs=True,
-                log_dir=tmp, logging_level=logging.ERROR,
-            ),
-            FTSCheckpoint(monitor="val/loss", save_top_k=0, dirpath=os.path.join(tmp, "ckpt")),  # FTS requires one
-        ]
-        trainer_kwargs["enable_checkpointing"] = True
-    else:
-        raise ValueError(f"unknown tool {tool!r}")
-
-    trainer = L.Trainer(callbacks=callbacks, **trainer_kwargs)
-    result["rss_before_fit_mib"] = (_proc_status_kib("VmRSS") or 0) / 1024.0
-    t0 = time.perf_counter()
-    trainer.fit(model, datamodule=dm)
-    result["fit_s"] = time.perf_counter() - t0
-    result["epochs"] = timer.epochs
-    result["epochs_run"] = trainer.current_epoch
+def _test_accuracy(model: Any, dm: Any, args: argparse.Namespace, tmp: str) -> float:
+    """The trained model's accuracy on the test split (its first QUICK_EVAL_BATCHES batches in --quick mode)."""
+    import lightning as L
 
     tester = L.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -319,10 +394,7 @@ def _worker(tool: str, args: argparse.Namespace, out_path: str, tmp: str) -> Non
         **({"limit_test_batches": QUICK_EVAL_BATCHES} if args.quick else {}),
     )
     metrics = tester.test(model, datamodule=dm, verbose=False)
-    result["test_acc"] = float(metrics[0]["test/acc"])
-    result["max_rss_mib"] = _max_rss_mib()
-    with open(out_path, "w") as fh:
-        json.dump(result, fh)
+    return float(metrics[0]["test/acc"])
 
 
 # ---------------------------------------------------------------------------------------- parent

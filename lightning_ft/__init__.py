@@ -1,6 +1,8 @@
 """lightning_ft: fine-tune pretrained models well, in PyTorch Lightning."""
 
-from lightning_ft.backbones import PRETRAINED_ASSETS, LayerGroup, create_backbone, format_layer_groups, layer_groups
+from lightning_ft.backbones import create_backbone
+from lightning_ft.groups import LayerGroup, format_layer_groups, layer_groups
+from lightning_ft.weights import PRETRAINED_ASSETS
 from lightning_ft.heads import AttentionPoolHead, LinearHead, MLPHead, PrototypeHead, build_head
 from lightning_ft.module import FineTuneModule
 from lightning_ft.optim import WarmupCosine, param_groups_layer_decay

@@ -6,13 +6,20 @@ torch only.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["adapt_batchnorm"]
+__all__ = ["adapt_batchnorm", "batchnorm_modules"]
+
+
+def batchnorm_modules(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` of every BatchNorm layer in ``module`` (any ``_BatchNorm``: 1-3d, SyncBatchNorm, lazy)."""
+    for name, m in module.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            yield name, m
 
 
 @torch.no_grad()
@@ -32,7 +39,7 @@ def adapt_batchnorm(
     the pass fails or sees no batch. Returns the number of batches used.
     """
     if norms is None:
-        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        norms = [m for _, m in batchnorm_modules(model)]
     if not norms:
         raise ValueError(f"{type(model).__name__} has no BatchNorm layer: AdaBN has nothing to adapt.")
     modes = {m: m.training for m in model.modules()}

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
 
-from lightning_ft.inputs import per_band
+from lightning_ft.inputs import band_mean_std
 
 __all__ = [
     "DigitsDataModule",
@@ -94,8 +94,10 @@ class InMemoryImageDataModule(L.LightningDataModule):
     Args:
         image_size: side of the square input; ``None`` takes the model's ``data_config`` input size.
         channels: input channels; grayscale is repeated. ``None`` takes the model's.
-        mean, std: per-channel normalisation; ``None`` takes the model's.
-        val_fraction, test_fraction: stratified split sizes.
+        mean: per-channel normalisation mean; ``None`` takes the model's.
+        std: per-channel normalisation std; ``None`` takes the model's.
+        val_fraction: stratified validation split size.
+        test_fraction: stratified test split size.
         limit: keep only the first ``limit`` images of each split (quick runs).
         augment: random affine augmentation of the training split, drawn per sample and epoch:
             rotation up to 10 degrees, translation up to 10% of the side, scale 0.9-1.1, the uncovered
@@ -145,9 +147,7 @@ class InMemoryImageDataModule(L.LightningDataModule):
         input_size = model_cfg.get("input_size", (3, 224, 224))
         channels = hp.channels or input_size[0]
         size = hp.image_size or input_size[-1]
-        mean = tuple(hp.mean) if hp.mean is not None else tuple(model_cfg.get("mean", (0.5,) * channels))
-        std = tuple(hp.std) if hp.std is not None else tuple(model_cfg.get("std", (0.5,) * channels))
-        mean, std = per_band(mean, channels), per_band(std, channels)
+        mean, std = band_mean_std(channels, model_cfg, hp.mean, hp.std, default=(0.5,))
         return {"image_size": int(size), "channels": int(channels), "mean": mean, "std": std}
 
     def transform_config(self) -> dict[str, Any]:
@@ -237,28 +237,15 @@ class RandomAffineDataset(Dataset):
 class DigitsDataModule(InMemoryImageDataModule):
     """scikit-learn's handwritten digits (1,797 images, 8x8, 10 classes), the demo's target domain.
 
-    ``mnist_frame=True`` places each digit in a 20x20 box inside a 28x28 canvas, as MNIST frames its
-    digits (for domain adaptation from MNIST).
+    Takes the arguments of :class:`InMemoryImageDataModule` (by keyword), and:
+
+    Args:
+        mnist_frame: place each digit in a 20x20 box inside a 28x28 canvas, as MNIST frames its
+            digits (for domain adaptation from MNIST).
     """
 
-    def __init__(
-        self,
-        batch_size: int = 64,
-        image_size: int | None = None,
-        channels: int | None = None,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.2,
-        seed: int = 0,
-        limit: int | None = None,
-        num_workers: int = 0,
-        augment: bool = False,
-        mnist_frame: bool = False,
-    ) -> None:
-        super().__init__(
-            batch_size, image_size, channels, mean, std, val_fraction, test_fraction, seed, limit, num_workers, augment
-        )
+    def __init__(self, *, mnist_frame: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)  # jsonargparse/LightningCLI list the base class's arguments, typed
         self.mnist_frame = mnist_frame
 
     def load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
@@ -382,16 +369,19 @@ class ImageFolderDataModule(L.LightningDataModule):
         image_size: side of the square input (default: the model's).
         channels: bands (default: the model's ``in_chans``). Grayscale files are repeated into more
             bands, colour pictures converted to luma for 1; other mismatches are errors at setup.
-        mean, std: per-band normalisation, after scaling (default: the model's).
+        mean: per-band normalisation mean, after scaling (default: the model's).
+        std: per-band normalisation std, after scaling (default: the model's).
         scale: divide raw pixel values by this (default: 255 for 8-bit, 65535 for 16-bit, 1 for floats).
         crop_pct: evaluation centre crop as a fraction of the resized side (default: the model's).
         augment: random resized crop and horizontal flip for the training split. ``None`` (default):
             on, except when the backbone is frozen (``freeze_backbone=True``) or ``FeatureCache`` is a
             callback -- a linear probe is trained on features of fixed images.
-        val_fraction, test_fraction: sizes of splits carved out of the training images.
+        val_fraction: size of the validation split carved out of the training images.
+        test_fraction: size of the test split carved out of the training images.
         seed: seed of those splits.
-        num_workers, persistent_workers: of the DataLoaders (FeatureCache needs
-            ``persistent_workers=False``, the default).
+        num_workers: of the DataLoaders.
+        persistent_workers: of the DataLoaders (FeatureCache needs ``persistent_workers=False``,
+            the default).
         predict: a folder (with or without class folders) or one image file to predict on; by default
             the test split (the validation split when there is none).
         limit: keep a random (seeded) ``limit`` images of each split (quick runs).
@@ -465,10 +455,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             )
         channels = hp.channels or (model_cfg["input_size"][0] if "input_size" in model_cfg else len(hp.mean))
         size = hp.image_size or model_cfg["input_size"][-1]
+        mean, std = band_mean_std(channels, model_cfg, hp.mean, hp.std)
         config = {
             "input_size": (int(channels), int(size), int(size)),
-            "mean": per_band(hp.mean if hp.mean is not None else model_cfg["mean"], channels),
-            "std": per_band(hp.std if hp.std is not None else model_cfg["std"], channels),
+            "mean": mean,
+            "std": std,
             "interpolation": model_cfg.get("interpolation", "bilinear"),
             "crop_pct": float(hp.crop_pct if hp.crop_pct is not None else model_cfg.get("crop_pct", 1.0)),
         }

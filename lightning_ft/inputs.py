@@ -19,7 +19,7 @@ plus an optional ``scale``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ __all__ = [
     "TIFF_SUFFIXES",
     "TRANSFORM_KEYS",
     "ImageTransform",
+    "band_mean_std",
     "per_band",
     "pil_to_chw",
     "read_image",
@@ -40,10 +41,15 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm")
+"""File suffixes read with Pillow."""
 ARRAY_SUFFIXES = (".npy",)
+"""File suffixes read as NumPy arrays, ``(C, H, W)`` or ``(H, W, C)``."""
 TIFF_SUFFIXES = (".tif", ".tiff")
+"""File suffixes read with ``tifffile`` (any band count)."""
 SUFFIXES = IMAGE_SUFFIXES + ARRAY_SUFFIXES + TIFF_SUFFIXES
+"""Every suffix an image folder is scanned for."""
 TRANSFORM_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "scale")
+"""The ``data_config`` keys that make up the input recipe (kept with the checkpoint and the export)."""
 
 
 _HIGH_DEPTH = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # one band of more than 8 bits: never convert()
@@ -260,3 +266,24 @@ def per_band(values: Sequence[float], channels: int) -> tuple[float, ...]:
     if channels == 1:
         return (sum(values) / len(values),)
     return tuple(values[i % len(values)] for i in range(channels))
+
+
+def band_mean_std(
+    channels: int,
+    config: Mapping[str, Any],
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    default: Sequence[float] | None = None,
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalisation ``(mean, std)`` of ``channels`` bands.
+
+    ``mean`` and ``std`` where given, else the data config's (e.g. the model's ``data_config``), else
+    ``default``; each is then mapped to ``channels`` bands by :func:`per_band`. A value that is in none
+    of them is a ``KeyError``.
+    """
+    picked = []
+    for key, given in (("mean", mean), ("std", std)):
+        if given is None:
+            given = config[key] if key in config or default is None else default
+        picked.append(per_band(given, channels))
+    return picked[0], picked[1]

@@ -1,6 +1,6 @@
 """Optimizer param groups with layer-wise learning-rate decay, and schedules that keep it.
 
-Imports torch only. The rule, per :func:`lightning_ft.backbones.layer_groups`:
+Imports torch only. The rule, per :func:`lightning_ft.groups.layer_groups`:
 group ``k`` levels below the head gets ``lr * layer_decay ** k``; the head gets ``lr``.
 Unlike timm's ``lr_scale`` key (which torch optimizers and schedulers ignore), the scale is
 applied to each group's ``lr`` itself, so every torch scheduler that works from the groups'
@@ -20,12 +20,14 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CyclicLR, LRScheduler, OneCycleLR
 
-from lightning_ft.backbones import LayerGroup, _find_timm
+from lightning_ft.groups import LayerGroup
+from lightning_ft.groups import find_timm_model
 
 __all__ = [
     "WarmupCosine",
     "align_scheduler",
     "build_scheduler",
+    "check_layer_decay",
     "layer_decay_groups",
     "no_weight_decay_names",
     "param_groups_layer_decay",
@@ -42,7 +44,7 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     plus, for any module, params named like position embeddings or tokens.
     """
     names: set[str] = set()
-    found = _find_timm(model)
+    found = find_timm_model(model)
     if found is not None and hasattr(found[1], "no_weight_decay"):
         prefix = f"{found[0]}." if found[0] else ""
         names |= {f"{prefix}{n}" for n in found[1].no_weight_decay()}
@@ -51,6 +53,12 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
         if param.ndim <= 1 or last.endswith(_NO_DECAY_SUFFIXES) or last.endswith("_token"):
             names.add(name)
     return names
+
+
+def check_layer_decay(value: float | None, name: str = "layer_decay") -> None:
+    """Refuse a layer-wise lr decay outside (0, 1]; ``None`` (no decay) passes. ``name``: the argument's name."""
+    if value is not None and not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value}. Typical values: 0.65-0.9; None turns it off.")
 
 
 def param_groups_layer_decay(
@@ -67,8 +75,7 @@ def param_groups_layer_decay(
     unfreezing needs no new group). Each dict carries ``name``, ``lr`` (already scaled),
     ``weight_decay``, ``lr_scale`` and ``layer_id`` (0 = stem).
     """
-    if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
-        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}. Typical values: 0.65-0.9; None turns it off.")
+    check_layer_decay(layer_decay)
     params = dict(model.named_parameters())
     seen: dict[str, str] = {}
     for g in groups:
@@ -237,8 +244,3 @@ def _rescale(groups: list[dict[str, Any]], scales: list[float], keys: Sequence[s
     for g, s in zip(groups, scales):
         for key in keys:
             g[key] = g[key] * s
-
-
-def set_requires_grad(params: Iterable[torch.Tensor], flag: bool) -> None:
-    for p in params:
-        p.requires_grad_(flag)

@@ -6,7 +6,6 @@ Callbacks find parameters by name and identity, never through ``lightning_ft.mod
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterable
 from typing import Any
 
 import lightning as L
@@ -65,16 +64,6 @@ def group_label(group: dict[str, Any], index: int) -> str:
 
 def trainable_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-def batchnorm_modules(module: nn.Module) -> Iterable[tuple[str, nn.Module]]:
-    for name, m in module.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            yield name, m
-
-
-def param_by_name(module: nn.Module) -> dict[str, torch.nn.Parameter]:
-    return dict(module.named_parameters())
 
 
 def reestimate_batchnorm(

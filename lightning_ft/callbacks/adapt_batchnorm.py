@@ -32,7 +32,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_ft.callbacks._common import batchnorm_modules, check_strategy, reestimate_batchnorm
+from lightning_ft.adabn import batchnorm_modules
+from lightning_ft.callbacks._common import check_strategy, reestimate_batchnorm
 
 __all__ = ["AdaptBatchNorm"]
 

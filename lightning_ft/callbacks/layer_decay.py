@@ -21,9 +21,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
 
-from lightning_ft.backbones import layer_groups
+from lightning_ft.groups import layer_groups
 from lightning_ft.callbacks._common import check_strategy
-from lightning_ft.optim import align_scheduler, layer_decay_groups, no_weight_decay_names
+from lightning_ft.optim import align_scheduler, check_layer_decay, layer_decay_groups, no_weight_decay_names
 
 __all__ = ["LayerwiseLRDecay"]
 
@@ -61,8 +61,7 @@ class LayerwiseLRDecay(Callback):
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        if not 0.0 < decay <= 1.0:
-            raise ValueError(f"decay must be in (0, 1], got {decay}. Typical values: 0.65-0.9.")
+        check_layer_decay(decay, "decay")
         self.decay = decay
         self.head = head
         self.no_weight_decay = no_weight_decay

@@ -40,9 +40,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_ft import modes
-from lightning_ft.backbones import LayerGroup, layer_groups
+from lightning_ft.adabn import batchnorm_modules
+from lightning_ft.groups import LayerGroup, layer_groups
 from lightning_ft.callbacks._common import (
-    batchnorm_modules,
     check_strategy,
     group_label,
     optimizer_param_ids,

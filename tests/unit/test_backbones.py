@@ -7,8 +7,10 @@ from safetensors.torch import save_file
 from timm.optim import param_groups_layer_decay as timm_layer_decay
 from torch import nn
 
-from lightning_ft.backbones import create_backbone, format_layer_groups, layer_groups, load_weights_file
+from lightning_ft.backbones import create_backbone
+from lightning_ft.groups import format_layer_groups, layer_groups
 from lightning_ft.optim import param_groups_layer_decay
+from lightning_ft.weights import load_weights_file
 
 
 def _scales(groups, model):
