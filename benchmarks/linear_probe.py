@@ -149,10 +149,10 @@ def forward_pass(dm: DigitsDataModule, repeats: int = 3) -> tuple[float, list[tu
     loaders = [dm.train_dataloader(), dm.val_dataloader()]
     times = []
     with torch.no_grad():
-        model.cache_inputs(next(iter(loaders[0]))[0])  # warm-up
+        model.forward_features(next(iter(loaders[0]))[0])  # warm-up
         for _ in range(repeats):
             start = time.perf_counter()
-            tables = [[(model.cache_inputs(x), y) for x, y in loader] for loader in loaders]
+            tables = [[(model.forward_features(x)[0], y) for x, y in loader] for loader in loaders]  # pooled features
             times.append(time.perf_counter() - start)
     splits = [(torch.cat([f for f, _ in t]), torch.cat([y for _, y in t])) for t in tables]
     return statistics.median(times), splits

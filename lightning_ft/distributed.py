@@ -18,6 +18,7 @@ __all__ = ["gather_with_grad", "world_size"]
 
 
 def world_size() -> int:
+    """The number of ranks in the default process group; 1 when torch.distributed is not initialised."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 

@@ -60,6 +60,7 @@ EXPORT_FORMATS: dict[str, str] = {
     "torchscript": "model.torchscript.pt",
     "onnx": "model.onnx",
 }
+"""The export formats and the file each one writes in the output folder."""
 MODEL_KEYS = ("backbone", "num_classes", "head", "head_kwargs", "in_chans", "img_size", "feature_dim", "channels_last")
 WEIGHT_PREFIXES = ("backbone.", "head.")
 _ONNX_EXTERNAL_BYTES = 1_800_000_000  # protobuf files stop at 2 GiB

@@ -1,14 +1,14 @@
 """Feature tables for the frozen part of a model, and data loading that serves them.
 
-The pieces :class:`lightning_ft.callbacks.FeatureCache` is built from (torch only, no Lightning):
+The pieces :class:`lightning_ft.callbacks.FeatureCache` is built from (torch only, no Lightning).
+"Cache" in this package means this and nothing else: the frozen part's outputs, computed once.
 
-* :class:`FeatureBatch`: what a cached loader yields in place of ``(images, labels)``: the head's
-  inputs for the batch (or the input of the first trainable layer, with the
-  :class:`lightning_ft.prefix.PrefixCut` to run from), the labels and the dataset indices.
-* :class:`FeatureTable`: one row per dataset sample, in memory (on the model's device) or
-  memory-mapped on disk.
-* :func:`cached_iterator`: iterates a ``DataLoader``'s own (batch) sampler -- so the batches and
-  the random number stream are exactly those of the uncached loader -- and looks the rows up.
+* :class:`FeatureTable`: one row per dataset sample -- the input of the cut module of a
+  :class:`lightning_ft.prefix.PrefixCut` (the head's inputs when the cut is at the head) -- in memory
+  on the model's device or memory-mapped on disk, with the labels.
+* :class:`CachedIterator`: iterates a ``DataLoader``'s own batch sampler -- so the batches and the
+  random number stream are exactly those of the uncached loader -- and hands each index batch to a
+  function that serves it (rows of a table, or the samples loaded as the loader would).
 * :func:`random_transform_report`: finds random augmentation by loading samples twice under
   different seeds (the global random states are restored afterwards).
 """
@@ -24,38 +24,21 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from lightning_ft.batch import split_batch
 from lightning_ft.prefix import PrefixCut
 
-__all__ = ["FeatureBatch", "FeatureTable", "cached_iterator", "random_transform_report", "sample_fingerprint"]
+__all__ = [
+    "CachedIterator",
+    "FeatureTable",
+    "cached_iterator",
+    "check_cacheable",
+    "fetch_inputs",
+    "fetch_samples",
+    "random_transform_report",
+    "sample_fingerprint",
+]
 
 _RANDOM_NAMES = ("Random", "AutoAugment", "RandAugment", "TrivialAugment", "AugMix", "ColorJitter", "Mixup", "CutMix")
-
-
-class FeatureBatch:
-    """A training or validation batch served from the cache.
-
-    ``features`` are the head's inputs (what the frozen part outputs). ``images`` is set instead
-    when the cache was switched off after this batch had been fetched (a layer thawed mid-epoch):
-    the module then runs the whole model on them. A plain class on purpose: Lightning's generic
-    batch transfer (a deep copy per dataclass) passes it through untouched; the step moves what
-    it uses (tables on the device are there already).
-    """
-
-    __slots__ = ("features", "target", "index", "images", "cut", "table")
-
-    def __init__(self, features: torch.Tensor | None, target: torch.Tensor, index: torch.Tensor,
-                 images: torch.Tensor | None = None, cut: PrefixCut | None = None,
-                 table: FeatureTable | None = None) -> None:
-        self.features, self.target, self.index, self.images = features, target, index, images
-        self.cut = cut  # None: features are the head's inputs; else the input of cut.module (run from there)
-        self.table = table  # where the features came from (a rebuilt table is another object)
-
-    def __len__(self) -> int:
-        return len(self.target)
-
-    def __repr__(self) -> str:
-        kind = "features" if self.features is not None else "images"
-        return f"FeatureBatch({len(self)} samples, {kind})"
 
 
 class FeatureTable:
@@ -69,17 +52,14 @@ class FeatureTable:
         self.dtype = dtype  # the dtype the features were computed in (a memmap may hold a wider one)
         self.path = path
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.features.nbytes)
-
-    def batch(self, index: list[int] | torch.Tensor) -> FeatureBatch:
+    def rows(self, index: list[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features, labels)`` of the samples ``index`` (memory-mapped rows come as a CPU tensor)."""
         idx = torch.as_tensor(index, dtype=torch.long)
         if isinstance(self.features, torch.Tensor):
             rows = self.features[idx.to(self.features.device)]
-        else:  # memmap: read the rows, hand a CPU tensor to Lightning's device transfer
+        else:  # memmap: read the rows
             rows = torch.from_numpy(np.ascontiguousarray(self.features[idx.numpy()])).to(self.dtype)
-        return FeatureBatch(rows, self.labels[idx.to(self.labels.device)], idx, cut=self.cut, table=self)
+        return rows, self.labels[idx.to(self.labels.device)]
 
     def close(self) -> None:
         if self.path is not None:
@@ -88,44 +68,42 @@ class FeatureTable:
             self.path = None
 
 
-class _CachedIterator:
-    """Yields ``serve(indices)`` for the index batches of ``loader``'s sampler.
+class CachedIterator:
+    """Yields ``serve(indices)`` for the index batches of ``loader``'s batch sampler.
 
-    ``serve`` is looked up at every batch, not bound to one table: a table rebuilt or dropped in the
-    middle of an epoch is never read after that.
+    ``serve`` is called at every batch, not bound to one table: a table rebuilt or dropped in the
+    middle of an epoch is never read after that. No sample is loaded, no worker started.
     """
 
-    def __init__(self, loader: DataLoader, serve: Callable[[list[int]], FeatureBatch]) -> None:
+    def __init__(self, loader: DataLoader, serve: Callable[[list[int]], Any]) -> None:
         # the same draws from the same generators as torch's _BaseDataLoaderIter.__init__, in the same
         # order: the sampler iterator (lazy) and then one int64 for the worker base seed
-        self._sampler_iter = iter(loader._index_sampler)
+        self._sampler_iter = iter(loader.batch_sampler)
         torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
         self._serve = serve
         self._length = len(loader)
 
     @classmethod
-    def continuing(cls, sampler_iter: Iterator[Any], serve: Callable[[list[int]], FeatureBatch],
-                   length: int) -> _CachedIterator:
+    def continuing(cls, sampler_iter: Iterator[Any], serve: Callable[[list[int]], Any], length: int) -> CachedIterator:
         """Serve the remaining index batches of an iterator that already started (no new random draws)."""
         it = cls.__new__(cls)
         it._sampler_iter, it._serve, it._length = sampler_iter, serve, length
         return it
 
-    def __iter__(self) -> _CachedIterator:
+    def __iter__(self) -> CachedIterator:
         return self
 
     def __len__(self) -> int:
         return self._length
 
-    def __next__(self) -> FeatureBatch:
+    def __next__(self) -> Any:
         return self._serve(next(self._sampler_iter))
 
 
-def cached_iterator(loader: DataLoader, source: FeatureTable | Callable[[list[int]], FeatureBatch]
-                    ) -> Iterator[FeatureBatch]:
-    """An iterator over ``loader``'s batches, served from a table (or a function of the index batch):
-    no images loaded, no workers."""
-    return _CachedIterator(loader, source.batch if isinstance(source, FeatureTable) else source)
+def cached_iterator(loader: DataLoader, source: FeatureTable | Callable[[list[int]], Any]) -> CachedIterator:
+    """An iterator over ``loader``'s batches served by ``source``: a table (``(features, labels)``
+    batches) or a function of the index batch."""
+    return CachedIterator(loader, source.rows if isinstance(source, FeatureTable) else source)
 
 
 def check_cacheable(loader: DataLoader, what: str) -> None:
@@ -135,7 +113,7 @@ def check_cacheable(loader: DataLoader, what: str) -> None:
             f"FeatureCache: the {what} dataset is an IterableDataset; the cache looks samples up by index. "
             "Use a map-style Dataset (with __getitem__ and __len__), or drop FeatureCache."
         )
-    if not loader._auto_collation:
+    if loader.batch_sampler is None:
         raise ValueError(f"FeatureCache: the {what} DataLoader has batch_size=None; give it a batch_size or batch_sampler.")
 
 
@@ -230,7 +208,11 @@ def sample_fingerprint(dataset: Dataset) -> tuple[int, int, float]:
     return id(dataset), n, total
 
 
-def fetch_inputs(dataset: Dataset, index: list[int], collate: Callable[[list[Any]], Any]) -> tuple[Any, torch.Tensor]:
-    """``(inputs, labels)`` of ``index``, collated as the loader would."""
-    batch = collate([dataset[i] for i in index])
-    return batch[0], batch[1]
+def fetch_samples(dataset: Dataset, index: list[int], collate: Callable[[list[Any]], Any]) -> Any:
+    """The batch of the samples ``index``, collated as the loader would."""
+    return collate([dataset[i] for i in index])
+
+
+def fetch_inputs(dataset: Dataset, index: list[int], collate: Callable[[list[Any]], Any]) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of the samples ``index``, collated as the loader would (:func:`lightning_ft.batch.split_batch`)."""
+    return split_batch(fetch_samples(dataset, index, collate))

@@ -130,6 +130,7 @@ HEADS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLPHead,
     "prototype": PrototypeHead,
 }
+"""Head classes by the name ``FineTuneModule(head=...)`` and ``build_head`` accept."""
 
 
 def build_head(name: str, in_features: int, num_classes: int, **kwargs: Any) -> nn.Module:

@@ -1,4 +1,21 @@
-"""FineTuneModule: a pretrained backbone plus a swappable head, as a LightningModule."""
+"""FineTuneModule: a pretrained backbone plus a swappable head, as a LightningModule.
+
+Every step -- training, validation, test, predict -- goes through one shared step on the
+inputs/targets contract of :mod:`lightning_ft.batch`:
+
+* a batch is ``(inputs, targets)``, ``{"inputs": ..., "targets": ...}``, inputs alone (predict), or
+  ``{"source": batch, "target": batch}`` (domain adaptation, with a ``DomainAdaptation`` callback);
+* inputs are a tensor ``(B, C, H, W)`` or a dict of tensors with the batch first (a time series with
+  its mask and dates, text tokens) that the backbone takes as keyword arguments;
+* targets are a tensor ``(B,)`` of class indices, ``MISSING`` (-100) marking a sample without a label
+  (skipped by the loss and the metrics, never dropped from the batch); per-task dicts are refused
+  until the module has one head per task.
+
+The module knows nothing of the callbacks: a ``FeatureCache`` batch is an ordinary batch (the
+callback runs the model from the cached cut around the step), ``GradualUnfreezing`` and
+``LayerwiseLRDecay`` find layers through :mod:`lightning_ft.groups`, and domain adaptation meets the
+module through :mod:`lightning_ft.losses.adaptation`.
+"""
 
 from __future__ import annotations
 
@@ -14,19 +31,20 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassF1Score
 
 from lightning_ft.backbones import feature_dim as backbone_feature_dim
+from lightning_ft.batch import MISSING, Inputs, check_class_targets, is_domain_batch, labelled, split_batch
 from lightning_ft.backbones import (
     backbone_features,
     create_backbone,
-    format_layer_groups,
     is_timm_model,
-    layer_groups,
     pool_features,
     to_tokens,
 )
-from lightning_ft.cache import FeatureBatch
+from lightning_ft.groups import format_layer_groups, layer_groups
 from lightning_ft.heads import build_head
-from lightning_ft.inputs import TRANSFORM_KEYS, ImageTransform, per_band
-from lightning_ft.optim import WarmupCosine, align_scheduler, build_scheduler, param_groups_layer_decay
+from lightning_ft.inputs import TRANSFORM_KEYS, ImageTransform, band_mean_std
+from lightning_ft.losses.adaptation import LOSSES_ATTRIBUTE, adaptation_of, domain_forward, drop_adaptation_state
+from lightning_ft.losses.label_free import information_maximization, prediction_sums
+from lightning_ft.optim import WarmupCosine, align_scheduler, build_scheduler, check_layer_decay, param_groups_layer_decay
 
 __all__ = ["FineTuneModule"]
 
@@ -116,8 +134,7 @@ class FineTuneModule(L.LightningModule):
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
         if not 0.0 <= warmup < 1.0:
             raise ValueError(f"warmup is a fraction of the training steps in [0, 1), got {warmup}.")
-        if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
-            raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}. Typical values: 0.65-0.9.")
+        check_layer_decay(layer_decay)
         _check_class_names(class_names, num_classes)
         _check_input_config(input_config)
         # module-valued arguments cannot live in a checkpoint's hparams; checkpoints of string
@@ -134,7 +151,7 @@ class FineTuneModule(L.LightningModule):
             if pretrained not in (None, False):
                 raise ValueError(
                     "pretrained= applies to timm backbone names; this backbone is an nn.Module. "
-                    "Load its weights before passing it (or use lightning_ft.backbones.load_weights_file)."
+                    "Load its weights before passing it (or use lightning_ft.weights.load_weights_file)."
                 )
             self.backbone = backbone
         else:
@@ -153,9 +170,9 @@ class FineTuneModule(L.LightningModule):
 
         metrics = MetricCollection(
             {
-                "acc": MulticlassAccuracy(num_classes, average="micro"),
-                "f1": MulticlassF1Score(num_classes, average="macro"),
-                "ece": MulticlassCalibrationError(num_classes),
+                "acc": MulticlassAccuracy(num_classes, average="micro", ignore_index=MISSING),
+                "f1": MulticlassF1Score(num_classes, average="macro", ignore_index=MISSING),
+                "ece": MulticlassCalibrationError(num_classes, ignore_index=MISSING),
             }
         )
         self.train_metrics = metrics.clone(prefix="train/")
@@ -201,8 +218,7 @@ class FineTuneModule(L.LightningModule):
         if size:
             config["input_size"] = (chans, size, size)
         config["input_size"] = (chans, *config["input_size"][1:])
-        for key in ("mean", "std"):  # per band, as timm's adapt_input_conv maps the RGB kernels
-            config[key] = per_band(config[key], chans)
+        config["mean"], config["std"] = band_mean_std(chans, config)  # per band, as timm's adapt_input_conv maps the RGB kernels
         config.update(self.hparams.get("input_config") or {})
         return config
 
@@ -216,34 +232,30 @@ class FineTuneModule(L.LightningModule):
         """
         return ImageTransform(self.data_config, training=training)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Unpooled backbone features (no graph through a frozen backbone)."""
-        if self.channels_last and x.ndim == 4:
+    def features(self, x: Inputs) -> torch.Tensor:
+        """Unpooled backbone features (no graph through a frozen backbone).
+
+        ``x`` is an image tensor, or a dict of tensors for a backbone module that takes them as keyword
+        arguments (see :mod:`lightning_ft.batch`).
+        """
+        if self.channels_last and isinstance(x, torch.Tensor) and x.ndim == 4 and x.stride(0) != 0:
+            # (a broadcast input, stride 0, is a constant placeholder: converting would only materialise it)
             x = x.contiguous(memory_format=torch.channels_last)
         if self.freeze_backbone:
             with torch.no_grad():
                 return backbone_features(self.backbone, x)
         return backbone_features(self.backbone, x)
 
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_features(self, x: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """``(pooled features (B, D), logits (B, C))`` -- what domain-adaptation losses need."""
         feats = self.features(x)
         pooled = pool_features(self.backbone, feats)
-        logits = self.head(self._head_inputs(feats, pooled))
+        logits = self.head(to_tokens(feats) if getattr(self.head, "wants_tokens", False) else pooled)
         return pooled, logits
 
-    def _head_inputs(self, feats: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
-        if getattr(self.head, "wants_tokens", False):
-            return to_tokens(feats)
-        return pooled if pooled is not None else pool_features(self.backbone, feats)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Inputs) -> torch.Tensor:
+        """Logits ``(B, C)`` of the inputs (a tensor, or a dict of tensors: :mod:`lightning_ft.batch`)."""
         return self.forward_features(x)[1]
-
-    @torch.no_grad()
-    def cache_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """What the head consumes (pooled features, or tokens for a token head): the part FeatureCache stores."""
-        return self._head_inputs(backbone_features(self.backbone, x))
 
     def train(self, mode: bool = True) -> FineTuneModule:
         super().train(mode)
@@ -271,47 +283,54 @@ class FineTuneModule(L.LightningModule):
         return layer_groups(self)
 
     def describe_layer_groups(self) -> str:
+        """The depth map as a table: group, parameter count, trainable or not, member names."""
         return format_layer_groups(self)
 
     # --------------------------------------------------------------- training
-    def _check_targets(self, y: torch.Tensor) -> None:
-        if y.dtype.is_floating_point or y.ndim != 1:
+    def _targets(self, targets: Any) -> torch.Tensor:
+        """Checked class-index targets of one task (``MISSING`` marks a sample without a label)."""
+        if targets is None:
             raise ValueError(
-                f"Targets must be a 1-D integer tensor of class indices, got dtype {y.dtype} and shape {tuple(y.shape)}."
+                "This batch has no targets: training, validation and test batches are (inputs, targets) or "
+                "{'inputs': ..., 'targets': ...} (lightning_ft.batch). Unlabelled data belongs in predict, or in "
+                "the 'target' part of a domain-adaptation batch."
             )
-        bad = (y < 0) | (y >= self.num_classes)
-        if bool(bad.any()):
+        if isinstance(targets, dict):
             raise ValueError(
-                f"Label {int(y[bad][0])} is outside [0, {self.num_classes - 1}]: the model has num_classes="
-                f"{self.num_classes}. Set num_classes to the number of classes in the data (labels 0..num_classes-1)."
+                f"The targets come per task ({', '.join(sorted(map(str, targets)))}), but FineTuneModule has one "
+                "classification head: give one tensor of class indices per batch."
             )
+        return check_class_targets(targets, self.num_classes)
 
-    def _logits_and_targets(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and checked targets of an ``(x, y, ...)`` batch or of one FeatureCache served."""
-        if isinstance(batch, FeatureBatch):  # served by FeatureCache: the frozen backbone's outputs
-            y = batch.target.to(self.device)  # no-op for tables on the device; memory-mapped rows come from the CPU
-            self._check_targets(y)
-            if batch.features is not None and batch.cut is None:
-                return self.head(batch.features.to(self.device)), y
-            if batch.features is not None:  # the frozen prefix's output: run the rest of the model from its cut
-                feats = batch.features.to(self.device)
-                with batch.cut.inject(feats):
-                    return self(batch.cut.placeholder_input(len(feats), self.device)), y
-            return self(batch.images.to(self.device)), y
-        x, y = batch[0], batch[1]
-        self._check_targets(y)
-        return self(x), y
+    def _step(self, batch: Any, stage: Literal["train", "val", "test"]) -> torch.Tensor:
+        """The one step behind training, validation and test, on a batch of the :mod:`lightning_ft.batch` contract."""
+        if is_domain_batch(batch):
+            if stage != "train":
+                raise ValueError(
+                    f"A {{'source', 'target'}} batch reached the {stage} step; validate and test on (inputs, targets)."
+                )
+            return self._adaptation_step(batch)
+        inputs, targets = split_batch(batch)
+        y = self._targets(targets)
+        return self._score(self(inputs), y, stage)
 
-    def _shared_step(self, batch: Any, metrics: MetricCollection, stage: str) -> torch.Tensor:
-        logits, y = self._logits_and_targets(batch)
-        loss = F.cross_entropy(
-            logits.float(), y, label_smoothing=self.hparams.label_smoothing if stage == "train" else 0.0
-        )
-        self._update_metrics(metrics, logits.detach().float().softmax(-1), y)  # logged once, at the epoch's end
+    def _score(self, logits: torch.Tensor, y: torch.Tensor, stage: Literal["train", "val", "test"]) -> torch.Tensor:
+        """Cross-entropy over the labelled rows; metrics and the epoch loss updated (logged once, at the epoch's end)."""
+        logits = logits.float()
+        keep = labelled(y)
+        smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
+        if bool(keep.all()):
+            count = len(y)
+            loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+        else:  # missing labels are skipped; a batch without any contributes no loss (and no NaN)
+            count = int(keep.sum())
+            loss = F.cross_entropy(logits, y, ignore_index=MISSING, label_smoothing=smoothing) if count else logits.sum() * 0.0
+        metrics = {"train": self.train_metrics, "val": self.val_metrics, "test": self.test_metrics}[stage]
+        self._buffered_update(metrics, logits.detach().softmax(-1), y)
         if stage == "train":
-            self._log_train_loss(loss, len(y))
-        else:  # logged once, at the epoch's end
-            self._update_loss(self.val_loss if stage == "val" else self.test_loss, loss, len(y))
+            self._log_train_loss(loss, count)
+        else:
+            self._update_loss(self.val_loss if stage == "val" else self.test_loss, loss, count)
         return loss
 
     def _log_train_loss(self, loss: torch.Tensor, batch_size: int) -> None:
@@ -338,9 +357,6 @@ class FineTuneModule(L.LightningModule):
         pending = self._pending.pop(id(target), [])
         if pending:
             target.update(*(torch.cat(parts) for parts in zip(*pending)))
-
-    def _update_metrics(self, metrics: MetricCollection, probs: torch.Tensor, y: torch.Tensor) -> None:
-        self._buffered_update(metrics, probs, y)
 
     def _update_loss(self, meter: MeanMetric, loss: torch.Tensor, batch_size: int) -> None:
         """The batch-size-weighted epoch mean of the loss."""
@@ -379,42 +395,34 @@ class FineTuneModule(L.LightningModule):
         self._log_epoch_metrics(self.test_metrics, prog_bar=True)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        if isinstance(batch, dict) and "source" in batch and "target" in batch:
-            return self._adaptation_step(batch)
-        return self._shared_step(batch, self.train_metrics, "train")
+        return self._step(batch, "train")
 
     def _adaptation_step(self, batch: dict[str, Any]) -> torch.Tensor:
-        adaptation = getattr(self, "domain_adaptation", None)
+        """Source cross-entropy plus the attached DomainAdaptation's losses (:mod:`lightning_ft.losses.adaptation`)."""
+        adaptation = adaptation_of(self)
         if adaptation is None:
             raise ValueError(
                 "The training batch holds 'source' and 'target' data but no DomainAdaptation callback is attached. "
                 "Add lightning_ft.callbacks.DomainAdaptation(...) to the Trainer's callbacks."
             )
-        (xs, ys), xt = batch["source"][:2], batch["target"][0]
-        self._check_targets(ys)
-        if adaptation.forward_mode == "joint":  # one batch through BatchNorm: mixed statistics
-            fs_ft, logits = self.forward_features(torch.cat([xs, xt]))
-            fs, ft = fs_ft[: len(xs)], fs_ft[len(xs):]
-            logits_s, logits_t = logits[: len(xs)], logits[len(xs):]
-        else:  # a forward per domain: BatchNorm normalises each domain with its own statistics
-            fs, logits_s = self.forward_features(xs)
-            ft, logits_t = self.forward_features(xt)
-        loss = F.cross_entropy(logits_s.float(), ys, label_smoothing=self.hparams.label_smoothing)
-        self._update_metrics(self.train_metrics, logits_s.detach().float().softmax(-1), ys)
-        self._log_train_loss(loss, len(ys))
+        xs, ys = split_batch(batch["source"])
+        xt, _ = split_batch(batch["target"])
+        ys = self._targets(ys)
+        fs, logits_s, ft, logits_t = domain_forward(self.forward_features, xs, xt, adaptation.forward_mode)
+        loss = self._score(logits_s, ys, "train")
         extra = adaptation(self, source_features=fs, target_features=ft, source_logits=logits_s, target_logits=logits_t)
         self.log("train/total_loss", loss + extra, on_step=True, on_epoch=False, batch_size=len(ys))
         return loss + extra
 
-    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        if dataloader_idx == 1:  # the target domain: labels for reporting, and label-free monitors
-            logits, y = self._logits_and_targets(batch)
-            logits = logits.float()
-            probs = logits.softmax(-1)
-            self._update_metrics(self.val_target_metrics, probs, y)
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor | None:
+        if dataloader_idx == 1:  # the target domain: labels for reporting only, and label-free monitors
+            inputs, targets = split_batch(batch)
+            probs = self(inputs).float().softmax(-1)
             self._target_probs.append(probs.detach())
-            return F.cross_entropy(logits, y)
-        return self._shared_step(batch, self.val_metrics, "val")
+            if targets is not None:
+                self._buffered_update(self.val_target_metrics, probs.detach(), self._targets(targets))
+            return None
+        return self._step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
         value = self._epoch_loss(self.val_loss)
@@ -424,18 +432,11 @@ class FineTuneModule(L.LightningModule):
         self._log_epoch_metrics(self.val_target_metrics, prog_bar=False)
         if not self._target_probs:
             return
-        probs = torch.cat(self._target_probs)
+        sums = prediction_sums(torch.cat(self._target_probs))
         self._target_probs = []
-        # sums over the whole target split (all ranks): the marginal of IM is not a mean of per-rank scores
-        sums = torch.cat([-(probs * probs.clamp_min(1e-12).log()).sum().reshape(1), probs.sum(0),
-                          probs.new_tensor([float(len(probs))])])
-        if self._trainer is not None and self.trainer.world_size > 1:
+        if self._trainer is not None and self.trainer.world_size > 1:  # IM's marginal needs the whole target split
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-        count = sums[-1]
-        ent = sums[0] / count
-        mean = sums[1:-1] / count
-        diversity = -(mean * mean.clamp_min(1e-12).log()).sum()
-        im = (diversity - ent) / torch.log(torch.tensor(float(self.num_classes), device=ent.device))
+        ent, im = information_maximization(sums)
         # label-free: mean target entropy (low = confident), information maximisation (high = confident
         # and diverse), and source accuracy + IM, the default label-free model-selection score
         self.log("val/target_entropy", ent, sync_dist=True)  # the same on every rank already
@@ -445,11 +446,11 @@ class FineTuneModule(L.LightningModule):
             self.log("val/label_free", source_acc.to(im.device) + im, sync_dist=True)
 
     def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, self.test_metrics, "test")
+        return self._step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self(x).float().softmax(dim=-1)
+        inputs, _ = split_batch(batch)
+        return self(inputs).float().softmax(dim=-1)
 
     # -------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> dict[str, Any]:
@@ -516,10 +517,8 @@ class FineTuneModule(L.LightningModule):
             self.hparams["input_config"] = dict(saved["input_config"])
         # domain-adaptation losses (e.g. DANN's discriminator) live on the module only while their
         # callback is attached: a checkpoint loaded without it keeps the model, not the losses
-        if not hasattr(self, "da_losses"):
-            state = checkpoint.get("state_dict", {})
-            for key in [k for k in state if k.startswith("da_losses.")]:
-                del state[key]
+        if not hasattr(self, LOSSES_ATTRIBUTE):
+            drop_adaptation_state(checkpoint.get("state_dict", {}))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the weights are in the checkpoint: rebuilding it must not need the pretrained file

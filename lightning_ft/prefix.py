@@ -211,9 +211,9 @@ def find_cut(root: nn.Module, run: Callable[[torch.Tensor], Any], x: torch.Tenso
         return None, "gradient checkpointing is on: it re-runs the forward pass during backward, past any cut"
     live = {n for n, m in modules.items() if is_live(m)}
     if not live:
-        return None, "nothing in the backbone trains (cache the whole backbone's output instead)"
+        return None, "nothing in the model trains"
     if "" in live:
-        return None, "the backbone's own parameters (an embedding, say) train: there is no frozen prefix"
+        return None, "the model's own parameters (not a submodule's) train: there is no frozen prefix"
     with _eval_no_grad(root):
         calls = _trace(root, run, x[:-1] if len(x) > 1 else x)
         full = run(x)

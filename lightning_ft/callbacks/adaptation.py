@@ -1,18 +1,26 @@
 """DomainAdaptation: bind domain-adaptation losses to a module, schedule their weights, log ``da/...``.
 
-The callback owns the losses (their parameters -- e.g. DANN's discriminator -- are registered on
-the module as ``da_losses`` in ``setup``, before the optimizer is built, so they train and are
-checkpointed with it). The module's training step calls the callback with what the losses need::
+The callback owns the losses. Their parameters (DANN's discriminator, say) are registered on the
+module as ``da_losses`` in ``setup``, before the optimizer is built, so they train and are
+checkpointed with it, and the callback is the module's ``domain_adaptation`` while it is attached.
+Those names, and the rest of what a module and this callback share, live in one torch-only place,
+:mod:`lightning_ft.losses.adaptation`. A module's training step calls the callback with what the
+losses need::
+
+    from lightning_ft.losses import domain_forward
 
     def training_step(self, batch, batch_idx):
-        (xs, ys), (xt, _) = batch["source"], batch["target"]
-        fs, logits_s = self.features_and_logits(xs)   # a forward per domain: BatchNorm sees one domain
-        ft, logits_t = self.features_and_logits(xt)
+        (xs, ys), (xt, *_) = batch["source"], batch["target"]
+        fs, logits_s, ft, logits_t = domain_forward(self.features_and_logits, xs, xt,
+                                                    self.domain_adaptation.forward_mode)
         loss = F.cross_entropy(logits_s, ys)
         return loss + self.domain_adaptation(self, source_features=fs, target_features=ft,
                                              source_logits=logits_s, target_logits=logits_t)
 
-``FineTuneModule`` does exactly this when its batch is a ``{"source", "target"}`` dict.
+with ``features_and_logits(x) -> (pooled features, logits)`` a method of the module
+(``FineTuneModule.forward_features`` is one, and its training step does exactly this on a
+``{"source", "target"}`` batch). The training batches must be ``{"source": ..., "target": ...}``
+(:mod:`lightning_ft.batch`), checked when training starts.
 Weights are computed from ``trainer.global_step / trainer.estimated_stepping_batches``, so a resumed
 run continues the schedule with nothing extra to save.
 """
@@ -20,6 +28,7 @@ run continues the schedule with nothing extra to save.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import lightning as L
@@ -27,36 +36,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from lightning_ft.batch import DOMAINS
 from lightning_ft.callbacks._common import check_strategy
-from lightning_ft.losses import (
-    CDANLoss,
-    CORALLoss,
-    DANNLoss,
-    EntropyLoss,
-    MCCLoss,
-    MeanAlignmentLoss,
-    MMDLoss,
-    PseudoLabelLoss,
-    entropy,
-    gather_with_grad,
-    grl_coefficient,
-)
+from lightning_ft.losses import CDANLoss, DANNLoss, PseudoLabelLoss, entropy, gather_with_grad, grl_coefficient
+from lightning_ft.losses.adaptation import ADAPTATION_LOSSES, ATTRIBUTE, LOSSES_ATTRIBUTE, adaptation_of
 
-__all__ = ["LOSSES", "DomainAdaptation"]
-
-LOSSES: dict[str, type[nn.Module]] = {
-    "cdan": CDANLoss,
-    "coral": CORALLoss,
-    "dann": DANNLoss,
-    "entropy": EntropyLoss,
-    "mcc": MCCLoss,
-    "mean": MeanAlignmentLoss,
-    "mmd": MMDLoss,
-    "pseudo_label": PseudoLabelLoss,
-}
-ATTRIBUTE = "domain_adaptation"  # where the module finds the callback
-MODULE_NAME = "da_losses"  # where the losses' parameters live on the module
-
+__all__ = ["DomainAdaptation"]
 
 class DomainAdaptation(Callback):
     """Domain-adaptation losses with scheduled weights.
@@ -91,12 +76,12 @@ class DomainAdaptation(Callback):
         super().__init__()
         losses = dict(losses if losses is not None else {"dann": 1.0})
         if not losses:
-            raise ValueError(f"DomainAdaptation needs at least one loss. Known: {', '.join(sorted(LOSSES))}.")
+            raise ValueError(f"DomainAdaptation needs at least one loss. Known: {', '.join(sorted(ADAPTATION_LOSSES))}.")
         for name, weight in losses.items():
-            if name not in LOSSES:
-                close = difflib.get_close_matches(name, list(LOSSES), n=1)
+            if name not in ADAPTATION_LOSSES:
+                close = difflib.get_close_matches(name, list(ADAPTATION_LOSSES), n=1)
                 hint = f" Did you mean '{close[0]}'?" if close else ""
-                raise ValueError(f"Unknown domain-adaptation loss '{name}'. Known: {', '.join(sorted(LOSSES))}.{hint}")
+                raise ValueError(f"Unknown domain-adaptation loss '{name}'. Known: {', '.join(sorted(ADAPTATION_LOSSES))}.{hint}")
             if weight < 0:
                 raise ValueError(f"Loss weight for '{name}' must be >= 0, got {weight}.")
         unknown = set(loss_kwargs or {}) - set(losses)
@@ -123,8 +108,7 @@ class DomainAdaptation(Callback):
             return
         check_strategy(trainer, type(self).__name__)
         self._trainer = trainer
-        _check_target_data(trainer)
-        if not hasattr(pl_module, MODULE_NAME):
+        if not hasattr(pl_module, LOSSES_ATTRIBUTE):
             width = self.feature_dim or getattr(pl_module, "num_features", None)
             modules = {}
             for name in self.weights:
@@ -144,12 +128,15 @@ class DomainAdaptation(Callback):
                             "`num_classes`. Pass loss_kwargs={'cdan': {'num_classes': ...}}."
                         )
                     kwargs.setdefault("num_classes", int(classes))
-                modules[name] = LOSSES[name](**kwargs)
-            pl_module.add_module(MODULE_NAME, nn.ModuleDict(modules))
+                modules[name] = ADAPTATION_LOSSES[name](**kwargs)
+            pl_module.add_module(LOSSES_ATTRIBUTE, nn.ModuleDict(modules))
         setattr(pl_module, ATTRIBUTE, self)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _check_target_data(trainer.train_dataloader)
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if getattr(pl_module, ATTRIBUTE, None) is self:
+        if adaptation_of(pl_module) is self:
             delattr(pl_module, ATTRIBUTE)
 
     # --------------------------------------------------------------- schedule
@@ -176,7 +163,7 @@ class DomainAdaptation(Callback):
         """The weighted sum of the losses for one training step; logs ``da/<loss>`` and ``da/<loss>_weight``."""
         given = {"source_features": source_features, "target_features": target_features,
                  "source_logits": source_logits, "target_logits": target_logits}
-        modules: nn.ModuleDict = getattr(pl_module, MODULE_NAME)
+        modules: nn.ModuleDict = getattr(pl_module, LOSSES_ATTRIBUTE)
         ramp = self.ramp()
         total = None
         batch = len(source_features) if source_features is not None else None
@@ -220,26 +207,24 @@ class DomainAdaptation(Callback):
         return total
 
 
-def _check_target_data(trainer: L.Trainer) -> None:
-    dm = trainer.datamodule
-    source = getattr(dm, "source_train", None) if dm is not None else None
-    target = getattr(dm, "target_train", None) if dm is not None else None
-    if dm is None or target is None:
+def _check_target_data(loaders: Any) -> None:
+    """The training batches are ``{"source": ..., "target": ...}``, with target data of the source's shape."""
+    if not (isinstance(loaders, Mapping) and all(k in loaders for k in DOMAINS)):
+        got = sorted(map(str, loaders)) if isinstance(loaders, Mapping) else type(loaders).__name__
         raise ValueError(
-            "DomainAdaptation needs target data: use a datamodule with source and target splits "
-            "(lightning_ft.data.SourceTargetDataModule), whose training batches are {'source': ..., 'target': ...}."
+            f"DomainAdaptation needs target data: training batches {{'source': ..., 'target': ...}}, but the training "
+            f"data is {got}. Use a datamodule with source and target splits (lightning_ft.data.SourceTargetDataModule, "
+            "not source_only=True), or return {'source': loader, 'target': loader} from train_dataloader(); for a "
+            "source-only baseline drop the DomainAdaptation callback."
         )
-    if getattr(dm, "source_only", False):
-        raise ValueError(
-            "The datamodule has source_only=True, so training batches hold no target data to adapt to. "
-            "Set source_only=False, or drop the DomainAdaptation callback for a source-only baseline."
-        )
-    if len(target) == 0:
+    source, target = (getattr(loaders[k], "dataset", None) for k in DOMAINS)
+    if target is not None and hasattr(target, "__len__") and len(target) == 0:
         raise ValueError("The target training split is empty: DomainAdaptation has no target data to adapt to.")
-    if source is not None and len(source) > 0:
-        xs, xt = source[0][0], target[0][0]
-        if tuple(xs.shape) != tuple(xt.shape):
-            raise ValueError(
-                f"Source images have shape {tuple(xs.shape)} but target images {tuple(xt.shape)}. Resize both "
-                "domains to the same size and channels (image_size=, channels= of the datamodule)."
-            )
+    if source is None or target is None or not hasattr(source, "__getitem__") or not len(source):
+        return
+    xs, xt = source[0][0], target[0][0]
+    if isinstance(xs, torch.Tensor) and isinstance(xt, torch.Tensor) and tuple(xs.shape) != tuple(xt.shape):
+        raise ValueError(
+            f"Source images have shape {tuple(xs.shape)} but target images {tuple(xt.shape)}. Resize both "
+            "domains to the same size and channels (image_size=, channels= of the datamodule)."
+        )

@@ -1,20 +1,25 @@
-"""FeatureCache: while the backbone is frozen, run it once per split and train the head on its outputs.
+"""FeatureCache: while part of the model is frozen, compute it once and train the rest on its outputs.
 
 A linear probe (or the head-only phase of gradual unfreezing) recomputes the same backbone outputs
-every epoch. This callback computes them once -- the physical limit -- and serves them in place of
-the images, with the batches of the loader's own sampler (same order, same random stream: the
-head ends where the uncached run ends, to float tolerance).
+every epoch. This callback computes them once -- the physical limit -- and serves them, with the
+batches of the loader's own sampler (same order, same random stream: the model ends where the
+uncached run ends, to float tolerance).
 
+* **Works on any LightningModule whose steps call** ``self(x)``. The cut is found by tracing the
+  module's own forward pass (:mod:`lightning_ft.prefix`): the input of its first trainable (or
+  training-mode BatchNorm/dropout/drop-path) layer -- the head, while the whole backbone is frozen.
+  A cached batch is an ordinary ``[inputs, targets]`` batch (:mod:`lightning_ft.batch`) whose inputs
+  are a placeholder of the right shape (one broadcast NaN: no memory); around each training and
+  validation step the callback runs the model from the cut with the cached rows
+  (``PrefixCut.inject``: the frozen modules return placeholders, the cut module gets the rows), and
+  leaves it on the step's end or on an exception.
 * Built in ``on_train_start`` for the training and validation loaders, in the precision context
   of the run (bf16-mixed features are bf16, as uncached). Under DDP each rank computes a strided
   share of the samples and the shares are gathered, so the table costs one forward pass in total
   and serves any shuffle of ``DistributedSampler``.
 * In memory on the model's device when the estimate (printed before building) fits under
   ``max_memory_gb``; otherwise memory-mapped files under ``cache_dir``, deleted at teardown.
-* When layers of the backbone train (a ``GradualUnfreezing`` transition, say), the tables move to
-  the frozen prefix: they hold the input of the first trainable (or training-mode BatchNorm/
-  dropout/drop-path) layer, and each step runs the model from there
-  (:mod:`lightning_ft.prefix`: the cut is traced and verified against the full forward pass).
+* When more layers train (a ``GradualUnfreezing`` transition, say), the tables move to the new cut.
   Batches fetched before the cut moved are served from the new table.
 * Off for good when nothing before a trainable layer stays frozen (or no cut verifies): batches
   already fetched are re-loaded as images, nothing stale is trained on. Rebuilt when the frozen
@@ -23,19 +28,21 @@ head ends where the uncached run ends, to float tolerance).
 * Refuses random training transforms (it loads samples twice under two seeds to find them):
   cached features would freeze one augmentation draw. ``allow_random_transforms=True`` accepts
   exactly that (one draw per sample, for all epochs), with a warning.
-
-The module must say what the cached part is and take cached batches:
-``cache_inputs(x) -> head inputs`` and a training/validation step that accepts a
-:class:`lightning_ft.cache.FeatureBatch`. ``FineTuneModule`` does both.
+* Says so when it did not serve: ``served`` counts, per epoch, the training batches served from
+  each cut and those loaded as images; an epoch that ran on images while the cache was on (the
+  loader was not served through the cache: a Lightning or torch change, say) ends with a warning
+  that says how many batches and why it matters.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -47,49 +54,44 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_ft.cache import (
-    FeatureBatch,
+from lightning_ft.callbacks._common import check_strategy
+from lightning_ft.distributed import gather_with_grad
+from lightning_ft.feature_tables import (
+    CachedIterator,
     FeatureTable,
-    _CachedIterator,
-    cached_iterator,
     check_cacheable,
     fetch_inputs,
+    fetch_samples,
     random_transform_report,
     sample_fingerprint,
 )
-from lightning_ft.callbacks._common import check_strategy
-from lightning_ft.distributed import gather_with_grad
 from lightning_ft.prefix import PrefixCut, changes_in_training_mode, find_cut
 
 __all__ = ["FeatureCache"]
 
+IMAGES = "images"  # the key of ``FeatureCache.served`` for batches loaded from the data
+
 
 class _Watch:
-    """What the validity check looks at, collected once: a check per epoch then costs microseconds."""
+    """What decides the cut, collected once: a check per batch then costs microseconds."""
 
     def __init__(self, module: nn.Module) -> None:
-        self.params = list(module.named_parameters())
-        self.tensors = [*module.parameters(), *module.buffers()]
-        self.stateful = [(name, m) for name, m in module.named_modules() if changes_in_training_mode(m)]
-
-    def reason(self) -> str | None:
-        for name, p in self.params:
-            if p.requires_grad:
-                return f"backbone parameter '{name}' is trainable"
-        for name, m in self.stateful:
-            if m.training:
-                return f"backbone layer '{name}' ({type(m).__name__}) runs in training mode, so its output changes"
-        return None
-
-    def state(self) -> tuple[tuple[int, int], ...]:
-        return tuple((t.data_ptr(), t._version) for t in self.tensors)
-
-    def grads(self) -> tuple[bool, ...]:
-        return tuple(p.requires_grad for _, p in self.params)
+        self.params = [p for _, p in module.named_parameters()]
+        self.stateful = [m for m in module.modules() if changes_in_training_mode(m)]
 
     def signature(self) -> tuple[tuple[bool, ...], tuple[bool, ...]]:
-        """What decides the cut: which parameters train, which stateful layers run in training mode."""
-        return self.grads(), tuple(m.training for _, m in self.stateful)
+        """Which parameters train, which stateful layers run in training mode."""
+        return tuple(p.requires_grad for p in self.params), tuple(m.training for m in self.stateful)
+
+
+class _Served:
+    """A batch served from a table: its placeholder inputs, the rows for them and where they came from."""
+
+    __slots__ = ("placeholder", "features", "index", "table", "loader")
+
+    def __init__(self, placeholder: torch.Tensor, features: torch.Tensor, index: list[int], table: FeatureTable,
+                 loader: DataLoader) -> None:
+        self.placeholder, self.features, self.index, self.table, self.loader = placeholder, features, index, table, loader
 
 
 class _NoRoom(ValueError):
@@ -115,10 +117,12 @@ def _human(n: float) -> str:
 
 
 class FeatureCache(Callback):
-    """Train the head (and any trainable top of the backbone) on cached outputs of the frozen part.
+    """Train the trainable part of a model on cached outputs of its frozen part.
 
-    ``cut`` is ``None`` while the tables hold the head's inputs, else the
-    :class:`lightning_ft.prefix.PrefixCut` whose input they hold. ``stats`` counts builds, build
+    ``cut`` is the :class:`lightning_ft.prefix.PrefixCut` whose input the tables hold (``cut.name`` is
+    ``"head.fc"`` for ``FineTuneModule`` with a frozen backbone and a linear head). ``serving`` is the cut name while a
+    step runs from the tables, else ``None``. ``served[epoch]`` counts the training batches served
+    per cut name, and those loaded from the data under ``"images"``. ``stats`` counts builds, build
     seconds, cached batches, batches moved to a new table and batches re-loaded as images.
 
     Args:
@@ -148,91 +152,78 @@ class FeatureCache(Callback):
         self.tables: dict[tuple[int, int, float], FeatureTable] = {}
         self.stats: dict[str, float] = {"builds": 0, "build_seconds": 0.0, "cached_batches": 0,
                                         "moved_batches": 0, "reloaded_batches": 0}
+        self.served: dict[int, Counter[str]] = {}
+        self.serving: str | None = None
+        self.cut: PrefixCut | None = None
         self._patched: dict[int, tuple[DataLoader, str]] = {}
         self._keys: dict[int, tuple[int, int, float]] = {}
+        self._records: dict[int, _Served] = {}  # id(placeholder) -> what was served with it
         self._train_loader: DataLoader | None = None
         self._state: tuple[tuple[int, int], ...] | None = None
         self._watch: _Watch | None = None
         self._signature: tuple[tuple[bool, ...], tuple[bool, ...]] | None = None
-        self.cut: PrefixCut | None = None  # None: the table holds the head's inputs (the whole backbone is frozen)
+        self._step: contextlib.ExitStack | None = None
+        self._unserved: Counter[int] = Counter()  # per epoch: batches run on images while the cache was on
+        self._images_epoch: int | None = None  # an epoch known to run on images (its workers started first)
         self._dirty = False
         self._trainer: L.Trainer | None = None
         self._module: L.LightningModule | None = None
 
     # ------------------------------------------------------------------ checks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        check_strategy(trainer, type(self).__name__)
-        if not callable(getattr(pl_module, "cache_inputs", None)) or not isinstance(
-            getattr(pl_module, "backbone", None), nn.Module
-        ):
-            raise ValueError(
-                f"FeatureCache needs a module with a `backbone` and `cache_inputs(x)` (the head's inputs, computed "
-                f"by the frozen part) whose steps accept lightning_ft.cache.FeatureBatch; {type(pl_module).__name__} "
-                "lacks them. FineTuneModule has both."
-            )
+        if stage == "fit":
+            check_strategy(trainer, type(self).__name__)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._trainer, self._module = trainer, pl_module
-        self._watch = _Watch(pl_module.backbone)
+        self._watch = _Watch(pl_module)
         loaders = self._loaders(trainer)
         for split, loader in loaders:
             self._check_loader(split, loader)
         cut, why = self._choose_cut()
-        if why:
+        if cut is None:
             raise ValueError(
-                f"FeatureCache needs a frozen backbone, or a frozen prefix of it, at the start of training, but {why}. "
-                "Freeze it (FineTuneModule(freeze_backbone=True), LinearProbing or GradualUnfreezing), or drop "
-                "FeatureCache."
+                f"FeatureCache needs a frozen part before the first trainable layer at the start of training, but "
+                f"{why}. Freeze the backbone (FineTuneModule(freeze_backbone=True), LinearProbing or "
+                "GradualUnfreezing), or drop FeatureCache."
             )
         self.cut, self._signature = cut, self._watch.signature()
-        self._state = self._weights_state()
+        self._state = cut.state()
         self._estimate_and_build(trainer, pl_module, loaders)
         self.active = True
         for split, loader in loaders:
             self._patch(loader, split)
-        self._take_over_live_iterators(trainer)
+        self._take_over_first_epoch(trainer)
         # callbacks whose on_train_start runs after this one may change frozen weights or statistics
         # (GradualUnfreezing(frozen_bn="recalibrate")): check again before the first step
         self._dirty = True
 
     def _choose_cut(self) -> tuple[PrefixCut | None, str]:
-        """``(None, "")``: cache the head's inputs; ``(cut, "")``: cache the frozen prefix up to ``cut``;
-        ``(None, why)``: nothing can be cached."""
-        assert self._watch is not None and self._module is not None and self._trainer is not None
-        reason = self._watch.reason()
-        if reason is None:
-            return None, ""
+        """``(cut, "")``: cache the input of ``cut``; ``(None, why)``: nothing can be cached."""
+        assert self._module is not None and self._trainer is not None and self._train_loader is not None
         loader = self._train_loader
-        assert loader is not None
         x, _ = fetch_inputs(loader.dataset, list(range(min(3, len(loader.dataset)))), loader.collate_fn)
+        if not isinstance(x, torch.Tensor):
+            return None, f"its inputs are a {type(x).__name__}, and the cache serves tensor inputs only"
         try:
             with torch.inference_mode(False), self._trainer.precision_plugin.forward_context():
-                cut, why = find_cut(self._module.backbone, self._module.cache_inputs, x.to(self._module.device))
+                return find_cut(self._module, self._module, x.to(self._module.device))
         except Exception as error:  # a model find_cut cannot trace: train uncached rather than fail mid-run
-            return None, f"{reason}, and tracing the backbone for its frozen prefix failed ({type(error).__name__}: {error})"
-        return cut, "" if cut is not None else f"{reason}, and {why}"
-
-    def _weights_state(self) -> tuple[tuple[int, int], ...]:
-        assert self._watch is not None
-        return self.cut.state() if self.cut is not None else self._watch.state()
+            return None, f"tracing the model's forward pass for its frozen prefix failed ({type(error).__name__}: {error})"
 
     def _loaders(self, trainer: L.Trainer) -> list[tuple[str, DataLoader]]:
-        train = trainer.fit_loop._combined_loader
-        loaders = list(train.flattened) if train is not None else []
-        if len(loaders) != 1 or not isinstance(loaders[0], DataLoader):
+        train = trainer.train_dataloader
+        if not isinstance(train, DataLoader):
+            kind = type(train).__name__ + (f" of {len(train)} loaders" if isinstance(train, (dict, list, tuple)) else "")
             raise ValueError(
-                "FeatureCache serves one training DataLoader of (inputs, labels) batches; this run trains on "
-                f"{len(loaders)} loader(s) ({', '.join(type(x).__name__ for x in loaders)}). Train on one DataLoader "
-                "(e.g. concatenate the datasets), or drop FeatureCache for this fit."
+                f"FeatureCache serves one training DataLoader of (inputs, targets) batches; this run trains on a {kind}. "
+                "Train on one DataLoader (e.g. concatenate the datasets), or drop FeatureCache for this fit."
             )
-        self._train_loader = loaders[0]
-        out = [("train", loaders[0])]
-        val = trainer.fit_loop.epoch_loop.val_loop._combined_loader
-        if val is not None:
-            out += [(f"val{i}" if i else "val", dl) for i, dl in enumerate(val.flattened) if isinstance(dl, DataLoader)]
-        return out
+        self._train_loader = train
+        val = trainer.val_dataloaders
+        vals = [val] if isinstance(val, DataLoader) else list(val or [])
+        return [("train", train)] + [(f"val{i}" if i else "val", dl) for i, dl in enumerate(vals)
+                                     if isinstance(dl, DataLoader)]
 
     def _datamodule_hint(self, option: str, value: Any) -> str:
         """`` (<DataModule>(option=value))`` when the trainer's datamodule takes that argument, else nothing."""
@@ -245,6 +236,15 @@ class FeatureCache(Callback):
 
     def _check_loader(self, split: str, loader: DataLoader) -> None:
         check_cacheable(loader, split)
+        if len(loader.dataset):  # type: ignore[arg-type]
+            sample = fetch_samples(loader.dataset, [0], loader.collate_fn)
+            if not (isinstance(sample, (list, tuple)) and len(sample) == 2 and isinstance(sample[0], torch.Tensor)
+                    and isinstance(sample[1], torch.Tensor)):
+                kind = type(sample).__name__ + (f" of {len(sample)} items" if isinstance(sample, (list, tuple, dict)) else "")
+                raise ValueError(
+                    f"FeatureCache serves (inputs, targets) batches of tensors; the {split} loader's batches are a {kind}. "
+                    "Return (inputs, targets) from the Dataset, or drop FeatureCache for this fit."
+                )
         if loader.persistent_workers and loader.num_workers > 0:
             raise ValueError(
                 f"FeatureCache: the {split} DataLoader has persistent_workers=True; its iterator is reused across "
@@ -291,7 +291,8 @@ class FeatureCache(Callback):
         where = (f"memory-mapped under {self._dir(trainer)}" if on_disk else f"in memory on {device}")
         parts = ", ".join(f"{split}: {len(loader.dataset):,} x {s} {str(d).replace('torch.', '')} = {_human(b)}"
                           for (split, loader, _), (s, d), b in zip(todo, shapes, sizes))
-        what = "head inputs" if self.cut is None else f"inputs of '{self.cut.name}' (the frozen prefix)"
+        assert self.cut is not None
+        what = f"inputs of '{self.cut.name}' (the frozen part's output)"
         rank_zero_info(f"FeatureCache, {what}: {parts}; total {_human(sum(sizes))} -> {where} (limit {_human(limit)})")
         start = time.perf_counter()
         for (split, loader, key), (shape, dtype) in zip(todo, shapes):
@@ -310,9 +311,8 @@ class FeatureCache(Callback):
             )
 
     def _compute(self, pl_module: L.LightningModule, x: torch.Tensor) -> torch.Tensor:
-        if self.cut is None:
-            return pl_module.cache_inputs(x)
-        return self.cut.capture(pl_module.cache_inputs, x)
+        assert self.cut is not None
+        return self.cut.capture(pl_module, x)
 
     def _dir(self, trainer: L.Trainer) -> Path:
         return self.cache_dir or Path(trainer.default_root_dir) / "feature_cache"
@@ -364,7 +364,8 @@ class FeatureCache(Callback):
 
     # ------------------------------------------------------------------ serve
     def _usable(self, training: bool = True) -> bool:
-        """Is the cache right for the model as it is now? Move the cut, rebuild, or switch off if not.
+        """Check the cache against the model as it is now; move the cut, rebuild or switch off if it is stale.
+        ``True`` when the tables can serve.
 
         The cut is chosen in training context only: validation runs every layer in eval mode, which
         says nothing about which layers train.
@@ -378,15 +379,16 @@ class FeatureCache(Callback):
         elif signature != self._signature:
             self._signature = signature
             cut, why = self._choose_cut()
-            if why:
+            if cut is None:
                 self._switch_off(why)
                 return False
-            if (cut.name if cut else None) != (self.cut.name if self.cut else None):
-                where = "head inputs" if cut is None else f"input of '{cut.name}'"
-                rank_zero_info(f"FeatureCache: the trainable part changed; caching the {where} from here on.")
+            if self.cut is None or cut.name != self.cut.name:
+                rank_zero_info(f"FeatureCache: the trainable part changed; caching the input of '{cut.name}' from here on.")
                 self.cut = cut
                 return self._rebuild()
-        state = self._weights_state()
+            self.cut = cut  # the same place, traced again: its prefix tensors may differ
+        assert self.cut is not None
+        state = self.cut.state()
         stale_data = any(sample_fingerprint(dl.dataset) != self._keys.get(i) for i, (dl, _) in self._patched.items())
         if state != self._state or stale_data:
             why = "the frozen weights changed" if state != self._state else "the data changed"
@@ -395,9 +397,9 @@ class FeatureCache(Callback):
         return True
 
     def _rebuild(self) -> bool:
-        assert self._trainer is not None and self._module is not None
+        assert self._trainer is not None and self._module is not None and self.cut is not None
         self._drop_tables()
-        self._state = self._weights_state()
+        self._state = self.cut.state()
         try:
             self._estimate_and_build(self._trainer, self._module, [(s, dl) for dl, s in self._patched.values()])
         except _NoRoom as error:  # mid-run: train uncached rather than stop
@@ -413,14 +415,21 @@ class FeatureCache(Callback):
                        "Training runs through the whole model from here on.")
 
     def _patch(self, loader: DataLoader, split: str) -> None:
+        """Serve ``loader``'s epochs from the tables: its iterator becomes a :class:`CachedIterator`.
+
+        ``DataLoader._get_iterator`` is torch's one place where ``iter(loader)`` makes its iterator; it
+        is private, so :meth:`on_train_epoch_end` checks that the epochs were served and says so if not.
+        """
         if id(loader) in self._patched:
             return
         original = loader._get_iterator
 
         def _get_iterator() -> Any:
+            for key in [k for k, r in self._records.items() if r.loader is loader]:
+                del self._records[key]  # batches of the last iterator that were never run
             training = self._trainer is not None and self._trainer.training  # not validation, even on a shared loader
             if self._usable(training=training):
-                return cached_iterator(loader, self._server(loader))
+                return CachedIterator(loader, self._server(loader))
             return original()
 
         loader._get_iterator = _get_iterator  # type: ignore[method-assign]
@@ -430,56 +439,122 @@ class FeatureCache(Callback):
         return self.tables.get(self._keys.get(id(loader))) if self.active else None  # type: ignore[arg-type]
 
     def _server(self, loader: DataLoader) -> Any:
-        """What a cached iterator calls per index batch: rows of the current table, or -- the cache went
-        off during the epoch -- the samples loaded as the loader would."""
-        def serve(index: list[int]) -> FeatureBatch:
+        """What a cached iterator calls per index batch: ``[placeholder inputs, targets]`` with the rows
+        remembered for the step, or -- the cache went off during the epoch -- the samples as the loader
+        would load them."""
+        def serve(index: list[int]) -> Any:
             table = self._table(loader)
-            if table is not None:
-                return table.batch(index)
-            x, y = fetch_inputs(loader.dataset, list(index), loader.collate_fn)
-            return FeatureBatch(None, torch.as_tensor(y), torch.as_tensor(index), images=x)
+            if table is None or table.cut is None or self._module is None:
+                return fetch_samples(loader.dataset, list(index), loader.collate_fn)
+            features, targets = table.rows(index)
+            placeholder = table.cut.placeholder_input(len(index), self._module.device)
+            self._records[id(placeholder)] = _Served(placeholder, features, list(index), table, loader)
+            return [placeholder, targets]
 
         return serve
 
-    def _take_over_live_iterators(self, trainer: L.Trainer) -> None:
-        """The first epoch's iterator exists already (Lightning prefetches): serve its remaining batches."""
-        fetcher = trainer.fit_loop._data_fetcher
+    def _take_over_first_epoch(self, trainer: L.Trainer) -> None:
+        """The first epoch's iterator exists before ``on_train_start`` (Lightning makes it when it sets
+        up the data): serve its remaining batches too. Lightning has no public handle on it; if the
+        structure below changes, epoch 0 runs on images and :meth:`on_train_epoch_end` says so."""
+        fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
         combined = getattr(fetcher, "iterator", None) if fetcher is not None else None
-        mode_iterator = getattr(combined, "_iterator", None)
-        iterators = getattr(mode_iterator, "iterators", None)
-        if not iterators:
+        iterators = getattr(getattr(combined, "_iterator", None), "iterators", None)
+        single = getattr(torch.utils.data.dataloader, "_SingleProcessDataLoaderIter", None)
+        if not iterators or single is None:
             return
         for i, live in enumerate(iterators):
             sampler_iter = getattr(live, "_sampler_iter", None)
-            if type(live).__name__ != "_SingleProcessDataLoaderIter" or sampler_iter is None:
-                continue  # worker processes hold prefetched indices: this epoch stays uncached
-            iterators[i] = _CachedIterator.continuing(sampler_iter, self._server(self._train_loader),
-                                                      len(self._train_loader))
+            if type(live) is not single or sampler_iter is None:  # worker processes hold prefetched indices
+                self._images_epoch = trainer.current_epoch
+                rank_zero_info(f"FeatureCache: epoch {trainer.current_epoch}'s loader worker processes started before "
+                               "the tables were built; it trains on images, the epochs after it from the tables.")
+                continue
+            iterators[i] = CachedIterator.continuing(sampler_iter, self._server(self._train_loader),
+                                                     len(self._train_loader))
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._dirty = True  # a callback may thaw layers here: check before the next training batch
+    # --------------------------------------------------------------- per step
+    def _begin(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, training: bool) -> None:
+        """Before a step: run the model from the cut with this batch's rows (or load its images)."""
+        self._end()
+        inputs = batch[0] if isinstance(batch, list) and batch else None
+        record = self._records.pop(id(inputs), None) if isinstance(inputs, torch.Tensor) else None
+        if record is None:
+            if isinstance(inputs, torch.Tensor) and inputs.ndim and inputs.numel() > 1 and not any(inputs.stride()):
+                raise RuntimeError(
+                    "FeatureCache served this batch from its tables, but its inputs were replaced before the step "
+                    "(a transfer_batch_to_device or on_after_batch_transfer hook?). Leave a cached batch's inputs as "
+                    "they are, or drop FeatureCache."
+                )
+            if training:
+                self._count(trainer, IMAGES, cache_on=self.active)
+            return
+        current = self._table(record.loader)
+        if current is None:  # fetched from the tables before the cache went off: the images of these samples
+            x, _ = fetch_inputs(record.loader.dataset, record.index, record.loader.collate_fn)
+            batch[0] = x.to(pl_module.device)
+            self.stats["reloaded_batches"] += 1
+            if training:
+                self._count(trainer, IMAGES, cache_on=False)
+            return
+        features = record.features
+        if current is not record.table:  # fetched before the table was rebuilt (the cut moved): the same rows of the new one
+            features, _ = current.rows(record.index)
+            self.stats["moved_batches"] += 1
+        elif training:
+            self.stats["cached_batches"] += 1
+        assert current.cut is not None
+        self._step = contextlib.ExitStack()
+        self._step.enter_context(current.cut.inject(features.to(pl_module.device)))
+        self.serving = current.cut.name
+        if training:
+            self._count(trainer, current.cut.name, cache_on=True)
+
+    def _end(self) -> None:
+        if self._step is not None:
+            self._step.close()
+            self._step = None
+        self.serving = None
+
+    def _count(self, trainer: L.Trainer, source: str, cache_on: bool) -> None:
+        self.served.setdefault(trainer.current_epoch, Counter())[source] += 1
+        if source == IMAGES and cache_on and trainer.current_epoch != self._images_epoch:
+            self._unserved[trainer.current_epoch] += 1
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.active and (self._dirty or self._watch is not None and self._watch.signature() != self._signature):
             self._dirty = False  # a layer thawed (or a callback ran after validation): check before this step
             self._usable()
-        if not isinstance(batch, FeatureBatch) or batch.features is None:
-            return
-        loader = self._train_loader
-        assert loader is not None
-        current = self._table(loader)
-        if current is not None and batch.table is current:
-            self.stats["cached_batches"] += 1
-            return
-        if current is not None:  # fetched before the table was rebuilt (the cut moved): the same rows of the new one
-            fresh = current.batch(batch.index)
-            batch.features, batch.cut, batch.table = fresh.features, fresh.cut, fresh.table
-            self.stats["moved_batches"] += 1
-            return
-        # fetched from the cache before it went off: load the images of these samples instead
-        x, _ = fetch_inputs(loader.dataset, batch.index.tolist(), loader.collate_fn)
-        batch.images, batch.features, batch.cut, batch.table = x.to(pl_module.device), None, None, None
-        self.stats["reloaded_batches"] += 1
+        self._begin(trainer, pl_module, batch, training=True)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._end()
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        self._begin(trainer, pl_module, batch, training=False)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._end()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._end()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._dirty = True  # a callback may thaw layers here: check before the next training batch
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        missed = self._unserved.pop(trainer.current_epoch, 0)
+        if missed:
+            total = sum(self.served.get(trainer.current_epoch, {}).values())
+            rank_zero_warn(
+                f"FeatureCache: {missed} of the {total} training batches of epoch {trainer.current_epoch} were loaded "
+                "from the data and ran through the whole model although the cache was on: the training loader's "
+                "iterator was not the cache's (torch's DataLoader._get_iterator or Lightning's first-epoch iterator "
+                "changed?). The results are right but not faster; please report it with your torch and Lightning versions."
+            )
 
     # ---------------------------------------------------------------- cleanup
     def _drop_tables(self) -> None:
@@ -488,9 +563,11 @@ class FeatureCache(Callback):
         self.tables = {}
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._end()
         for loader, _ in self._patched.values():
             loader.__dict__.pop("_get_iterator", None)
         self._patched = {}
+        self._records = {}
         self._drop_tables()
         self.active = False
         self._trainer = self._module = None

@@ -1,4 +1,4 @@
-"""Domain-adaptation losses: the maths in functions, thin modules beside them (torch only)."""
+"""Domain-adaptation losses and label-free scores: the maths in functions, thin modules beside them (torch only)."""
 
 from lightning_ft.distributed import gather_with_grad
 from lightning_ft.losses.adversarial import (
@@ -11,17 +11,24 @@ from lightning_ft.losses.adversarial import (
     grl_coefficient,
     reverse_gradient,
 )
+from lightning_ft.losses.adaptation import (
+    ADAPTATION_LOSSES,
+    adaptation_of,
+    domain_forward,
+    drop_adaptation_state,
+)
+from lightning_ft.losses.label_free import entropy, information_maximization, prediction_sums
 from lightning_ft.losses.discrepancy import CORALLoss, MeanAlignmentLoss, MMDLoss, coral, mean_alignment, mmd, mmd_linear
 from lightning_ft.losses.self_training import (
     EntropyLoss,
     MCCLoss,
     PseudoLabelLoss,
-    entropy,
     minimum_class_confusion,
     pseudo_label_loss,
 )
 
 __all__ = [
+    "ADAPTATION_LOSSES",
     "CDANLoss",
     "CORALLoss",
     "DANNLoss",
@@ -32,16 +39,21 @@ __all__ = [
     "MMDLoss",
     "MeanAlignmentLoss",
     "PseudoLabelLoss",
+    "adaptation_of",
     "cdan_loss",
     "coral",
     "dann_loss",
+    "domain_forward",
+    "drop_adaptation_state",
     "entropy",
     "gather_with_grad",
     "grl_coefficient",
+    "information_maximization",
     "mean_alignment",
     "minimum_class_confusion",
     "mmd",
     "mmd_linear",
+    "prediction_sums",
     "pseudo_label_loss",
     "reverse_gradient",
 ]

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_ft.losses.label_free import entropy
+
 __all__ = [
     "CDANLoss",
     "DANNLoss",
@@ -158,7 +160,7 @@ def cdan_loss(
     logits = discriminator(reverse_gradient(joint, coeff)).float()
     per_example = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
     if entropy_conditioning:
-        h = -(g * torch.log(g + 1e-5)).sum(-1)
+        h = entropy(g, probs=True, eps=1e-5, reduction="none")
         w = 1.0 + torch.exp(-h)
         w = torch.cat([w[:n] / w[:n].sum(), w[n:] / w[n:].sum()])
         loss = (w * per_example).sum() / w.sum()

@@ -9,24 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_ft.losses.label_free import entropy
+
 __all__ = [
     "EntropyLoss",
     "MCCLoss",
     "PseudoLabelLoss",
-    "entropy",
     "minimum_class_confusion",
     "pseudo_label_loss",
 ]
-
-
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Mean Shannon entropy (nats) of the softmax predictions (Grandvalet & Bengio, NIPS 2004).
-
-    Shape:
-        logits ``(N, C)`` -> scalar
-    """
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1).mean()
 
 
 def minimum_class_confusion(logits: torch.Tensor, temperature: float = 2.5) -> torch.Tensor:
@@ -45,7 +36,7 @@ def minimum_class_confusion(logits: torch.Tensor, temperature: float = 2.5) -> t
     n, k = logits.shape
     p = F.softmax(logits.float() / temperature, dim=-1)
     q = p.detach()
-    h = -(q * torch.log(q + 1e-5)).sum(-1)
+    h = entropy(q, probs=True, eps=1e-5, reduction="none")
     s = 1.0 + torch.exp(-h)
     w = (n * s / s.sum()).unsqueeze(1)
     confusion = (p * w).t() @ p

@@ -98,7 +98,7 @@ def test_source_only_baseline_trains_on_source_batches_and_logs_the_same_monitor
     assert {"val/acc", "val_target/acc", "val/label_free"} <= set(trainer.callback_metrics)
 
 
-def test_source_only_data_with_the_callback_is_refused_at_setup():
+def test_source_only_data_with_the_callback_is_refused_before_training():
     trainer = fast_trainer(max_epochs=1, callbacks=[DomainAdaptation({"mmd": 1.0})])
     with pytest.raises(ValueError, match="source_only=True.*drop the DomainAdaptation callback"):
         trainer.fit(_model(), datamodule=_data(source_only=True))
@@ -109,13 +109,13 @@ def test_unknown_loss_name_is_refused_with_the_known_ones():
         DomainAdaptation({"mdd": 1.0})
 
 
-def test_no_target_data_is_refused_at_setup():
+def test_no_target_data_is_refused_before_training():
     trainer = fast_trainer(max_epochs=1, callbacks=[DomainAdaptation({"mmd": 1.0})])
     with pytest.raises(ValueError, match="needs target data.*SourceTargetDataModule"):
         trainer.fit(_model(), datamodule=DigitsDataModule(limit=16))
 
 
-def test_target_with_another_input_shape_is_refused_at_setup():
+def test_target_with_another_input_shape_is_refused_before_training():
     trainer = fast_trainer(max_epochs=1, callbacks=[DomainAdaptation({"mmd": 1.0})])
     with pytest.raises(ValueError, match=r"Source images have shape \(1, 32, 32\) but target images \(1, 16, 16\)"):
         trainer.fit(_model(), datamodule=_data(target_size=16))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lightning_ft import FineTuneModule
-from lightning_ft.cache import random_transform_report
+from lightning_ft.feature_tables import random_transform_report
 from lightning_ft.data import DigitsDataModule
 
 

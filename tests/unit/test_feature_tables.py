@@ -1,4 +1,4 @@
-"""lightning_ft.cache: the cached iterator replays the loader's batches and random stream exactly;
+"""lightning_ft.feature_tables: the cached iterator replays the loader's batches and random stream exactly;
 random augmentation is found and named; tables in memory and on disk serve the same rows."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_ft.cache import FeatureTable, cached_iterator, random_transform_report, sample_fingerprint
+from lightning_ft.feature_tables import FeatureTable, cached_iterator, random_transform_report, sample_fingerprint
 
 
 class Indexed(Dataset):
@@ -41,9 +41,9 @@ def test_cached_iterator_replays_the_loaders_batches_and_random_stream(generator
     for _ in range(2):
         it = cached_iterator(loader, table)
         assert len(it) == len(loader)
-        for b in it:
-            assert torch.equal(b.features[:, 0], b.index.float() * 10) and torch.equal(b.target, b.index)
-            cached.append(b.index.tolist())
+        for features, target in it:  # the labels are the indices here
+            assert torch.equal(features[:, 0], target.float() * 10)
+            cached.append(target.tolist())
     assert cached == plain  # same batches, epoch after epoch
     assert torch.equal(torch.get_rng_state(), after_plain)  # and the same draws from the global generator
 
@@ -75,8 +75,8 @@ def test_memory_mapped_table_serves_the_same_rows(tmp_path):
     mm[:] = rows.numpy()
     on_disk = FeatureTable(mm, torch.arange(12), torch.float32, path)
     in_memory = FeatureTable(rows, torch.arange(12), torch.float32)
-    a, b = on_disk.batch([3, 7, 1]), in_memory.batch([3, 7, 1])
-    assert torch.equal(a.features, b.features) and torch.equal(a.target, b.target)
+    (fa, ya), (fb, yb) = on_disk.rows([3, 7, 1]), in_memory.rows([3, 7, 1])
+    assert torch.equal(fa, fb) and torch.equal(ya, yb) and ya.tolist() == [3, 7, 1]
     on_disk.close()
     assert not path.exists()
 

@@ -179,7 +179,7 @@ def test_a_cut_that_a_skip_connection_crosses_is_refused():
 def test_nothing_to_cut_says_why():
     model = _LongSkip()
     model.requires_grad_(False)
-    assert "nothing in the backbone trains" in find_cut(model, model, torch.randn(3, 4))[1]
+    assert "nothing in the model trains" in find_cut(model, model, torch.randn(3, 4))[1]
     model.stem.requires_grad_(True)
     assert "the first layer that runs" in find_cut(model, model, torch.randn(3, 4))[1]
     vit = _timm("test_vit", "pos_embed", img_size=32)  # the backbone's own parameter trains

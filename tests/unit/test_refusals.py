@@ -9,7 +9,7 @@ from torch import nn
 from torch.optim import lr_scheduler as S
 
 from lightning_ft import FineTuneModule
-from lightning_ft.backbones import LayerGroup, layer_groups
+from lightning_ft.groups import LayerGroup, layer_groups
 from lightning_ft.callbacks import FeatureCache, LayerwiseLRDecay
 from lightning_ft.optim import WarmupCosine, align_scheduler, param_groups_layer_decay
 from tests.conftest import fast_trainer, random_loader
@@ -177,7 +177,7 @@ def test_feature_cache_refuses_several_training_loaders_and_counts_them():
     model = FineTuneModule("test_resnet", num_classes=3, freeze_backbone=True)
     trainer = fast_trainer(max_steps=1, callbacks=[FeatureCache()])
     loaders = {"a": random_loader(n=8, size=16), "b": random_loader(n=8, size=16, seed=1)}
-    with pytest.raises(ValueError, match=r"FeatureCache serves one training DataLoader of \(inputs, labels\) batches; "
-                                         r"this run trains on 2 loader\(s\) \(DataLoader, DataLoader\)\. Train on one DataLoader"):
+    with pytest.raises(ValueError, match=r"FeatureCache serves one training DataLoader of \(inputs, targets\) batches; "
+                                         r"this run trains on a dict of 2 loaders\. Train on one DataLoader"):
         trainer.fit(model, loaders)
     assert trainer.global_step == 0

@@ -24,19 +24,23 @@ import lightning as L  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from lightning_ft import FineTuneModule  # noqa: E402
-from lightning_ft.cache import FeatureBatch  # noqa: E402
 from lightning_ft.callbacks import FeatureCache, GradualUnfreezing  # noqa: E402
 from lightning_ft.data import DigitsDataModule  # noqa: E402
 
 
 class Kinds(Callback):
-    def __init__(self):
+    """Counts the training batches run from the head's inputs, from a prefix of the backbone, from images
+    (``FeatureCache.serving``: the cut a step runs from; it runs before this callback)."""
+
+    def __init__(self, cache):
+        self.cache = cache
         self.cached = self.prefix = self.images = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if isinstance(batch, FeatureBatch) and batch.features is not None and batch.cut is None:
+        serving = self.cache.serving if self.cache is not None else None
+        if serving is not None and serving.startswith("head"):
             self.cached += 1
-        elif isinstance(batch, FeatureBatch) and batch.features is not None:
+        elif serving is not None:
             self.prefix += 1
         else:
             self.images += 1
@@ -46,9 +50,10 @@ def main(out_dir: Path, mode: str) -> None:
     L.seed_everything(0)
     torch.manual_seed(0)
     model = FineTuneModule("test_resnet", num_classes=10, in_chans=1, img_size=32, lr=1e-2)
-    kinds = Kinds()
+    cache = FeatureCache() if mode == "cache" else None
+    kinds = Kinds(cache)
     unfreezing = GradualUnfreezing(monitor=None, milestones={1: ["layer4.0"]}, verbose=False)
-    callbacks = [unfreezing] + ([FeatureCache()] if mode == "cache" else []) + [kinds]
+    callbacks = [unfreezing] + ([cache] if cache is not None else []) + [kinds]
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, callbacks=callbacks,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0)
