@@ -45,8 +45,9 @@ class FeatureTable:
     """Rows of the frozen part's output for every sample of one dataset, plus the labels."""
 
     def __init__(self, features: torch.Tensor | np.memmap, labels: torch.Tensor, dtype: torch.dtype,
-                 path: Path | None = None, cut: PrefixCut | None = None) -> None:
+                 path: Path | None = None, cut: PrefixCut | None = None, generation: int = 0) -> None:
         self.features = features
+        self.generation = generation  # which build this is (a rebuilt table has a new one)
         self.cut = cut
         self.labels = labels
         self.dtype = dtype  # the dtype the features were computed in (a memmap may hold a wider one)

@@ -324,7 +324,8 @@ class FineTuneModule(L.LightningModule):
             loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
         else:  # missing labels are skipped; a batch without any contributes no loss (and no NaN)
             count = int(keep.sum())
-            loss = F.cross_entropy(logits, y, ignore_index=MISSING, label_smoothing=smoothing) if count else logits.sum() * 0.0
+            loss = F.cross_entropy(logits, y, ignore_index=MISSING, label_smoothing=smoothing,
+                                   reduction="mean" if count else "sum")  # no label: a sum over nothing, 0
         metrics = {"train": self.train_metrics, "val": self.val_metrics, "test": self.test_metrics}[stage]
         self._buffered_update(metrics, logits.detach().softmax(-1), y)
         if stage == "train":
@@ -365,7 +366,8 @@ class FineTuneModule(L.LightningModule):
 
     def _epoch_loss(self, meter: MeanMetric) -> torch.Tensor | None:
         self._flush(meter)
-        if not meter.update_count:
+        if not meter.update_count or not float(meter.weight):  # no batch, or not one labelled sample
+            meter.reset()
             return None
         value = meter.compute()
         meter.reset()

@@ -137,6 +137,7 @@ class PrefixCut:
             # direct tensors of enclosing modules (a ViT's pos_embed) may act in the prefix
             tensors.update({id(t): t for t in [*modules[n].parameters(recurse=False), *modules[n].buffers(recurse=False)]})
         self._tensors = list(tensors.values())
+        self._made: dict[tuple[int, torch.device], dict[nn.Module, _Constant]] = {}
 
     def __repr__(self) -> str:
         return f"PrefixCut(before '{self.name}', {len(self.prefix)} modules cached)"
@@ -163,29 +164,56 @@ class PrefixCut:
         """What to pass as the model's input while injecting ``n`` rows: only its shape is read."""
         return _nan((n, *self.input_shape), self.input_dtype, device)
 
+    def _placeholders(self, n: int, device: torch.device) -> dict[nn.Module, _Constant]:
+        """The prefix modules' placeholder outputs for ``n`` rows (made once per size and device: they
+        are broadcast views of one NaN, read-only by construction)."""
+        key = (n, device)
+        made = self._made.get(key)
+        if made is None:
+            with torch.inference_mode(False):  # made during validation, used in training too
+                made = {module: _Constant(_nan((n, *shape), dtype, device))
+                        for module, (shape, dtype) in self.skipped.items()}
+            self._made = {key: made}  # one size at a time: a training and a last, shorter batch alternate rarely
+        return made
+
     @contextlib.contextmanager
     def inject(self, features: torch.Tensor) -> Iterator[None]:
-        """Run the model from the cut: prefix modules return placeholders, the cut module gets ``features``."""
-        n, device = features.shape[0], features.device
+        """Run the model from the cut: prefix modules return placeholders, the cut module gets ``features``.
 
-        def swap(m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-            return (features, *args[1:])
+        Instance-level ``forward`` attributes do it (no hooks to register per step: this runs around
+        every cached training step); whatever instance-level ``forward`` a module had is restored.
+        """
+        placeholders = self._placeholders(features.shape[0], features.device)
+        cut_forward = self.module.forward
 
-        saved = []
-        handle = self.module.register_forward_pre_hook(swap)
+        def from_cut(*args: Any, **kwargs: Any) -> Any:
+            return cut_forward(features, *args[1:], **kwargs)
+
+        modules = [*placeholders, self.module]
+        saved = [module.__dict__.get("forward") for module in modules]
         try:
-            for module, (shape, dtype) in self.skipped.items():
-                saved.append((module, module.__dict__.get("forward")))
-                placeholder = _nan((n, *shape), dtype, device)
-                module.forward = lambda *a, _p=placeholder, **k: _p  # type: ignore[method-assign]
+            for module, constant in placeholders.items():
+                module.__dict__["forward"] = constant
+            self.module.__dict__["forward"] = from_cut
             yield
         finally:
-            handle.remove()
-            for module, own in saved:  # restore exactly: an instance-level forward set by someone else stays
+            for module, own in zip(modules, saved):  # restore exactly: an instance-level forward set by someone else stays
                 if own is None:
                     module.__dict__.pop("forward", None)
                 else:
-                    module.forward = own
+                    module.__dict__["forward"] = own
+
+
+class _Constant:
+    """A forward that returns its placeholder whatever it is called with."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.value
 
 
 def _outputs_equal(a: Any, b: Any) -> bool:

@@ -106,8 +106,9 @@ def convert_efficientnet_lite(state_dict: dict[str, torch.Tensor], depths: Seque
 
 
 def weights_dir() -> Path:
-    """Where converted weights are kept: ``$LIGHTNING_FT_WEIGHTS_DIR`` or ``~/.cache/lightning_ft``."""
-    root = os.environ.get("LIGHTNING_FT_WEIGHTS_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lightning_ft"
+    """Where converted weights are kept: ``$LIGHTNING_FT_WEIGHTS_DIR`` or ``~/.cache/lightning_ft``
+    (``$LIGHTNING_FT_CACHE``, the variable's former name, is still read)."""
+    root = os.environ.get("LIGHTNING_FT_WEIGHTS_DIR") or os.environ.get("LIGHTNING_FT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lightning_ft"
     return Path(root)
 
 

@@ -36,7 +36,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_ft.batch import DOMAINS
+from lightning_ft.batch import DOMAINS, split_batch
 from lightning_ft.callbacks._common import check_strategy
 from lightning_ft.losses import CDANLoss, DANNLoss, PseudoLabelLoss, entropy, gather_with_grad, grl_coefficient
 from lightning_ft.losses.adaptation import ADAPTATION_LOSSES, ATTRIBUTE, LOSSES_ATTRIBUTE, adaptation_of
@@ -222,7 +222,7 @@ def _check_target_data(loaders: Any) -> None:
         raise ValueError("The target training split is empty: DomainAdaptation has no target data to adapt to.")
     if source is None or target is None or not hasattr(source, "__getitem__") or not len(source):
         return
-    xs, xt = source[0][0], target[0][0]
+    xs, xt = (split_batch(sample)[0] for sample in (source[0], target[0]))  # a sample: (x, y), {"inputs": x}, or x
     if isinstance(xs, torch.Tensor) and isinstance(xt, torch.Tensor) and tuple(xs.shape) != tuple(xt.shape):
         raise ValueError(
             f"Source images have shape {tuple(xs.shape)} but target images {tuple(xt.shape)}. Resize both "

@@ -87,11 +87,13 @@ class _Watch:
 class _Served:
     """A batch served from a table: its placeholder inputs, the rows for them and where they came from."""
 
-    __slots__ = ("placeholder", "features", "index", "table", "loader")
+    __slots__ = ("placeholder", "features", "index", "generation", "loader")
 
-    def __init__(self, placeholder: torch.Tensor, features: torch.Tensor, index: list[int], table: FeatureTable,
+    def __init__(self, placeholder: torch.Tensor, features: torch.Tensor, index: list[int], generation: int,
                  loader: DataLoader) -> None:
-        self.placeholder, self.features, self.index, self.table, self.loader = placeholder, features, index, table, loader
+        # the table's generation, not the table: a rebuild must be able to free the old one
+        self.placeholder, self.features, self.index, self.generation, self.loader = (
+            placeholder, features, index, generation, loader)
 
 
 class _NoRoom(ValueError):
@@ -166,13 +168,25 @@ class FeatureCache(Callback):
         self._unserved: Counter[int] = Counter()  # per epoch: batches run on images while the cache was on
         self._images_epoch: int | None = None  # an epoch known to run on images (its workers started first)
         self._dirty = False
+        self._generation = 0
         self._trainer: L.Trainer | None = None
         self._module: L.LightningModule | None = None
 
     # ------------------------------------------------------------------ checks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            check_strategy(trainer, type(self).__name__)
+        if stage != "fit":
+            return
+        check_strategy(trainer, type(self).__name__)
+        precision = str(trainer.precision)
+        if precision.endswith("-true") and precision != "32-true":
+            raise ValueError(
+                f"FeatureCache supports precision='32-true' and the mixed precisions ('bf16-mixed', '16-mixed'); this "
+                f"Trainer uses {precision!r}, whose input conversion would materialise the cached batches' "
+                "placeholder inputs. Use a mixed precision, or drop FeatureCache."
+            )
+        # counts are per fit
+        self.served, self._unserved, self._images_epoch = {}, Counter(), None
+        self.stats = {k: 0 if k != "build_seconds" else 0.0 for k in self.stats}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._trainer, self._module = trainer, pl_module
@@ -201,6 +215,7 @@ class FeatureCache(Callback):
     def _choose_cut(self) -> tuple[PrefixCut | None, str]:
         """``(cut, "")``: cache the input of ``cut``; ``(None, why)``: nothing can be cached."""
         assert self._module is not None and self._trainer is not None and self._train_loader is not None
+        self._end()
         loader = self._train_loader
         x, _ = fetch_inputs(loader.dataset, list(range(min(3, len(loader.dataset)))), loader.collate_fn)
         if not isinstance(x, torch.Tensor):
@@ -244,6 +259,13 @@ class FeatureCache(Callback):
                 raise ValueError(
                     f"FeatureCache serves (inputs, targets) batches of tensors; the {split} loader's batches are a {kind}. "
                     "Return (inputs, targets) from the Dataset, or drop FeatureCache for this fit."
+                )
+            targets = sample[1]
+            if targets.ndim != 1 or targets.dtype.is_floating_point or targets.dtype == torch.bool:
+                raise ValueError(
+                    f"FeatureCache stores class-index targets (a 1-D integer tensor per batch); the {split} loader's "
+                    f"targets have dtype {targets.dtype} and shape {tuple(targets.shape)}. Drop FeatureCache for "
+                    "regression, soft or multi-label targets."
                 )
         if loader.persistent_workers and loader.num_workers > 0:
             raise ValueError(
@@ -360,7 +382,8 @@ class FeatureCache(Callback):
         if isinstance(features, np.memmap):
             features.flush()
         self.stats["builds"] += 1
-        return FeatureTable(features, labels, dtype, path, cut=self.cut)
+        self._generation += 1
+        return FeatureTable(features, labels, dtype, path, cut=self.cut, generation=self._generation)
 
     # ------------------------------------------------------------------ serve
     def _usable(self, training: bool = True) -> bool:
@@ -370,6 +393,7 @@ class FeatureCache(Callback):
         The cut is chosen in training context only: validation runs every layer in eval mode, which
         says nothing about which layers train.
         """
+        self._end()  # never trace or build while a step's injection is still on (a skipped batch, say)
         if not self.active or self._module is None or self._trainer is None or self._watch is None:
             return False
         signature = self._watch.signature()
@@ -448,7 +472,7 @@ class FeatureCache(Callback):
                 return fetch_samples(loader.dataset, list(index), loader.collate_fn)
             features, targets = table.rows(index)
             placeholder = table.cut.placeholder_input(len(index), self._module.device)
-            self._records[id(placeholder)] = _Served(placeholder, features, list(index), table, loader)
+            self._records[id(placeholder)] = _Served(placeholder, features, list(index), table.generation, loader)
             return [placeholder, targets]
 
         return serve
@@ -474,13 +498,24 @@ class FeatureCache(Callback):
                                                      len(self._train_loader))
 
     # --------------------------------------------------------------- per step
-    def _begin(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, training: bool) -> None:
+    def _loader_of(self, trainer: L.Trainer, training: bool, dataloader_idx: int) -> DataLoader | None:
+        if training:
+            return self._train_loader
+        val = trainer.val_dataloaders
+        vals = [val] if isinstance(val, DataLoader) else list(val or [])
+        return vals[dataloader_idx] if dataloader_idx < len(vals) else None
+
+    def _begin(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, training: bool,
+               dataloader_idx: int = 0) -> None:
         """Before a step: run the model from the cut with this batch's rows (or load its images)."""
         self._end()
-        inputs = batch[0] if isinstance(batch, list) and batch else None
+        inputs = batch[0] if isinstance(batch, (list, tuple)) and batch else None
         record = self._records.pop(id(inputs), None) if isinstance(inputs, torch.Tensor) else None
         if record is None:
-            if isinstance(inputs, torch.Tensor) and inputs.ndim and inputs.numel() > 1 and not any(inputs.stride()):
+            loader = self._loader_of(trainer, training, dataloader_idx)
+            waiting = any(r.loader is loader for r in self._records.values())  # this loader served from the tables
+            if (waiting and isinstance(inputs, torch.Tensor) and inputs.numel() and inputs.is_floating_point()
+                    and bool(torch.isnan(inputs.reshape(-1)[0]))):  # a placeholder, changed on its way to the step
                 raise RuntimeError(
                     "FeatureCache served this batch from its tables, but its inputs were replaced before the step "
                     "(a transfer_batch_to_device or on_after_batch_transfer hook?). Leave a cached batch's inputs as "
@@ -491,6 +526,9 @@ class FeatureCache(Callback):
             return
         current = self._table(record.loader)
         if current is None:  # fetched from the tables before the cache went off: the images of these samples
+            if not isinstance(batch, list):
+                raise RuntimeError("FeatureCache: a batch served from the tables became a tuple on its way to the step, "
+                                   "so its inputs cannot be re-loaded after the cache went off. Keep batches as lists.")
             x, _ = fetch_inputs(record.loader.dataset, record.index, record.loader.collate_fn)
             batch[0] = x.to(pl_module.device)
             self.stats["reloaded_batches"] += 1
@@ -498,7 +536,7 @@ class FeatureCache(Callback):
                 self._count(trainer, IMAGES, cache_on=False)
             return
         features = record.features
-        if current is not record.table:  # fetched before the table was rebuilt (the cut moved): the same rows of the new one
+        if current.generation != record.generation:  # fetched before the table was rebuilt (the cut moved): the same rows of the new one
             features, _ = current.rows(record.index)
             self.stats["moved_batches"] += 1
         elif training:
@@ -533,7 +571,7 @@ class FeatureCache(Callback):
 
     def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
                                   dataloader_idx: int = 0) -> None:
-        self._begin(trainer, pl_module, batch, training=False)
+        self._begin(trainer, pl_module, batch, training=False, dataloader_idx=dataloader_idx)
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -545,7 +583,11 @@ class FeatureCache(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._dirty = True  # a callback may thaw layers here: check before the next training batch
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._end()  # a training batch skipped by its module's hook (on_train_batch_start -> -1) has no end hook
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._end()
         missed = self._unserved.pop(trainer.current_epoch, 0)
         if missed:
             total = sum(self.served.get(trainer.current_epoch, {}).values())

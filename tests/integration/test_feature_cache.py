@@ -62,7 +62,8 @@ def _fit(cache: FeatureCache | None, epochs: int = 3, model=None, callbacks=(), 
 
 def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
     sa, sb = a.state_dict(), b.state_dict()
-    return max(float((sa[k].float() - sb[k].float()).abs().max()) for k in sa)
+    diffs = [float((sa[k].float() - sb[k].float()).abs().max()) for k in sa]
+    return float("inf") if any(d != d for d in diffs) else max(diffs)  # a NaN anywhere is no match (max() skips it)
 
 
 def test_cached_linear_probe_equals_the_uncached_run():
@@ -386,3 +387,48 @@ def test_loaders_the_cache_cannot_serve_are_refused(problem):
 def test_a_negative_memory_limit_is_refused():
     with pytest.raises(ValueError, match="max_memory_gb must be >= 0"):
         FeatureCache(max_memory_gb=-1)
+
+
+def test_placeholder_inputs_changed_on_their_way_to_the_step_stop_the_run_with_a_message():
+    """A user's on_after_batch_transfer that normalises the inputs would turn the cached batch's placeholder
+    into a NaN tensor and the loss into NaN; the cache stops the run and says why."""
+    model = _model(freeze_backbone=True)
+    model.on_after_batch_transfer = lambda batch, dataloader_idx: [(batch[0] - 0.5) / 0.5, batch[1]]
+    trainer = fast_trainer(max_epochs=2, callbacks=[FeatureCache()])
+    with pytest.raises(RuntimeError, match="inputs were replaced before the step"):
+        trainer.fit(model, datamodule=_data())
+
+
+def test_a_batch_skipped_by_the_modules_hook_leaves_no_injection_behind():
+    """on_train_batch_start returning -1 ends the epoch without on_train_batch_end: the injection the cache
+    entered for that batch must not outlive it. Here the frozen weights then change, so the next epoch
+    rebuilds the tables: built under a leftover injection they would be NaN."""
+    class Nudge(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            with torch.no_grad():
+                pl_module.backbone.conv1[0].weight.mul_(1.01)
+
+    plain, cached = _model(freeze_backbone=True), _model(freeze_backbone=True)
+    for model in (plain, cached):
+        model.on_train_batch_start = lambda batch, batch_idx: -1 if batch_idx == 3 else None
+    _fit(None, model=plain, callbacks=[Nudge()], limit_val_batches=0)
+    cache = FeatureCache()
+    _fit(cache, model=cached, callbacks=[Nudge()], limit_val_batches=0)
+    assert cache.stats["builds"] >= 2  # rebuilt after the nudge
+    assert cache.serving is None and all("forward" not in m.__dict__ for m in cached.modules())
+    assert _max_diff(plain, cached) < 1e-5
+
+
+@pytest.mark.parametrize("problem", ["precision", "float_targets"])
+def test_what_the_cache_cannot_serve_right_is_refused_before_training(problem):
+    from torch.utils.data import TensorDataset
+
+    if problem == "precision":
+        trainer = fast_trainer(max_steps=1, precision="bf16-true", callbacks=[FeatureCache()])
+        with pytest.raises(ValueError, match="precision='32-true' and the mixed precisions.*'bf16-true'"):
+            trainer.fit(_model(freeze_backbone=True), datamodule=_data())
+        return
+    data = TensorDataset(torch.randn(16, 1, 32, 32), torch.rand(16))  # regression targets
+    trainer = fast_trainer(max_steps=1, callbacks=[FeatureCache()])
+    with pytest.raises(ValueError, match="class-index targets.*dtype torch.float32"):
+        trainer.fit(_model(freeze_backbone=True), DataLoader(data, batch_size=8))
