@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nFAILED: the two arms' final state dicts have different keys: "
               f"{sorted(weights[True].keys() ^ weights[False].keys())}")
         return 1
-    diff = max(float((weights[True][k].float() - v.float()).abs().max()) for k, v in weights[False].items())
+    diffs = [float((weights[True][k].float() - v.float()).abs().max()) for k, v in weights[False].items()]
+    diff = float("nan") if any(d != d for d in diffs) else max(diffs)  # max() alone would skip a NaN
     print(f"\nlargest difference between the two arms' final weights: {diff:.2e} ({len(weights[False])} tensors)")
     return 0
 
