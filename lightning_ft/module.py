@@ -317,30 +317,27 @@ class FineTuneModule(L.LightningModule):
     def _score(self, logits: torch.Tensor, y: torch.Tensor, stage: Literal["train", "val", "test"]) -> torch.Tensor:
         """Cross-entropy over the labelled rows; metrics and the epoch loss updated (logged once, at the epoch's end)."""
         logits = logits.float()
-        keep = labelled(y)
         smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
-        if bool(keep.all()):
-            count = len(y)
-            loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
-        else:  # missing labels are skipped; a batch without any contributes no loss (and no NaN)
-            count = int(keep.sum())
-            loss = F.cross_entropy(logits, y, ignore_index=MISSING, label_smoothing=smoothing,
-                                   reduction="mean" if count else "sum")  # no label: a sum over nothing, 0
+        # the mean over the labelled rows (MISSING is cross-entropy's ignore_index); a batch without any label
+        # gives 0 with a graph, not NaN. The count stays a tensor: no device sync on the training hot path
+        count = labelled(y).sum()
+        loss = F.cross_entropy(logits, y, ignore_index=MISSING, label_smoothing=smoothing, reduction="sum")
+        loss = loss / count.clamp_min(1)
         metrics = {"train": self.train_metrics, "val": self.val_metrics, "test": self.test_metrics}[stage]
         self._buffered_update(metrics, logits.detach().softmax(-1), y)
         if stage == "train":
-            self._log_train_loss(loss, count)
+            self._log_train_loss(loss, count, len(y))
         else:
             self._update_loss(self.val_loss if stage == "val" else self.test_loss, loss, count)
         return loss
 
-    def _log_train_loss(self, loss: torch.Tensor, batch_size: int) -> None:
+    def _log_train_loss(self, loss: torch.Tensor, weight: torch.Tensor | int, batch_size: int) -> None:
         """``train/loss_step`` when the loggers write (every ``log_every_n_steps``), ``train/loss_epoch`` at the end.
 
         Lightning's ``self.log`` costs about a millisecond per call on CPU -- as much as a head-only
         step on cached features -- so the step value is logged only on the steps the loggers record.
         """
-        self._update_loss(self.train_loss, loss, batch_size)
+        self._update_loss(self.train_loss, loss, weight)
         connector = getattr(self._trainer, "_logger_connector", None) if self._trainer is not None else None
         if connector is None or getattr(connector, "should_update_logs", True):
             self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True,
@@ -359,10 +356,10 @@ class FineTuneModule(L.LightningModule):
         if pending:
             target.update(*(torch.cat(parts) for parts in zip(*pending)))
 
-    def _update_loss(self, meter: MeanMetric, loss: torch.Tensor, batch_size: int) -> None:
-        """The batch-size-weighted epoch mean of the loss."""
+    def _update_loss(self, meter: MeanMetric, loss: torch.Tensor, weight: torch.Tensor | int) -> None:
+        """The epoch mean of the loss, weighted by each batch's labelled samples."""
         value = loss.detach().float().reshape(1)
-        self._buffered_update(meter, value, torch.full_like(value, batch_size))
+        self._buffered_update(meter, value, torch.as_tensor(weight, dtype=value.dtype, device=value.device).reshape(1))
 
     def _epoch_loss(self, meter: MeanMetric) -> torch.Tensor | None:
         self._flush(meter)
