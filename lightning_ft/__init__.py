@@ -3,7 +3,15 @@
 from lightning_ft.backbones import create_backbone
 from lightning_ft.groups import LayerGroup, format_layer_groups, layer_groups
 from lightning_ft.weights import PRETRAINED_ASSETS
-from lightning_ft.heads import AttentionPoolHead, LinearHead, MLPHead, PrototypeHead, build_head
+from lightning_ft.heads import (
+    AttentionPoolHead,
+    LinearHead,
+    MLPHead,
+    PrototypeHead,
+    TaskHeads,
+    TemporalHead,
+    build_head,
+)
 from lightning_ft.module import FineTuneModule
 from lightning_ft.optim import WarmupCosine, param_groups_layer_decay
 
@@ -17,6 +25,8 @@ __all__ = [
     "LinearHead",
     "MLPHead",
     "PrototypeHead",
+    "TaskHeads",
+    "TemporalHead",
     "WarmupCosine",
     "__version__",
     "build_head",

@@ -8,8 +8,11 @@ inputs/targets contract of :mod:`lightning_ft.batch`:
 * inputs are a tensor ``(B, C, H, W)`` or a dict of tensors with the batch first (a time series with
   its mask and dates, text tokens) that the backbone takes as keyword arguments;
 * targets are a tensor ``(B,)`` of class indices, ``MISSING`` (-100) marking a sample without a label
-  (skipped by the loss and the metrics, never dropped from the batch); per-task dicts are refused
-  until the module has one head per task.
+  (skipped by the loss and the metrics, never dropped from the batch), or -- with ``tasks=`` -- a dict
+  of such tensors, one per task (a task left out of a batch has no label there);
+* a satellite image time series is the inputs dict ``{"images": (B, T, C, H, W), "mask": (B, T),
+  "doy": (B, T)}``: the backbone runs on every date with shared weights and a temporal head
+  (``head="temporal"``) pools the per-date features, masked dates never counted.
 
 The module knows nothing of the callbacks: a ``FeatureCache`` batch is an ordinary batch (the
 callback runs the model from the cached cut around the step), ``GradualUnfreezing`` and
@@ -20,7 +23,7 @@ module through :mod:`lightning_ft.losses.adaptation`.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import lightning as L
 import torch
@@ -40,15 +43,21 @@ from lightning_ft.backbones import (
     to_tokens,
 )
 from lightning_ft.groups import format_layer_groups, layer_groups
-from lightning_ft.heads import build_head
+from lightning_ft.heads import TaskHeads, build_head
 from lightning_ft.inputs import TRANSFORM_KEYS, ImageTransform, band_mean_std
 from lightning_ft.losses.adaptation import LOSSES_ATTRIBUTE, adaptation_of, domain_forward, drop_adaptation_state
 from lightning_ft.losses.label_free import information_maximization, prediction_sums
+from lightning_ft.losses.multitask import TaskWeighting
 from lightning_ft.optim import WarmupCosine, align_scheduler, build_scheduler, check_layer_decay, param_groups_layer_decay
 
 __all__ = ["FineTuneModule"]
 
-HeadName = Literal["linear", "mlp", "attention", "prototype"]
+HeadName = Literal["linear", "mlp", "attention", "prototype", "temporal"]
+BandSpec = Union[str, list[str], dict[str, float]]
+BandMethod = Literal["match", "interpolation", "averaging", "random", "tile"]
+SERIES_KEYS = ("images", "mask", "doy")
+"""The keys of a satellite-image-time-series input: images ``(B, T, C, H, W)``, valid dates ``(B, T)``,
+day of year ``(B, T)``."""
 
 
 class FineTuneModule(L.LightningModule):
@@ -94,6 +103,28 @@ class FineTuneModule(L.LightningModule):
             ``crop_pct``, ``scale``), over the backbone's own data config. Left ``None``, it is taken at
             fit time from a datamodule that has ``transform_config()`` (``ImageFolderDataModule``), so
             the checkpoint prepares images for prediction exactly as they were prepared in training.
+        tasks: several classification tasks on one backbone, ``{task: number of classes}`` (e.g.
+            ``{"landcover": 10, "crop": 5}``): one head per task (``head`` names the kind), targets
+            a dict of ``(B,)`` tensors per task (``MISSING`` or a task left out: no label), metrics
+            ``<stage>/<task>/acc``, and the combined ``val/loss`` (mean of the task losses) and
+            ``val/acc`` (mean task accuracy) to monitor. ``num_classes`` is then not used.
+        task_weighting: ``"fixed"`` (``task_weights``, default 1 each) or ``"uncertainty"`` (learned by
+            homoscedastic uncertainty, Kendall et al. 2018, with bounded log-variances).
+        task_weights: the fixed weight of each task.
+        data_bands: the bands of the data, e.g. ``"sentinel2"`` (all 13), ``"landsat_mss"``,
+            ``["B02", "B03", "B04", "B08"]`` or ``{"my_band": 705.0}`` (name: centre wavelength, nm). The
+            pretrained stem (found through timm's ``pretrained_cfg``, or ``stem_layer``) is adapted
+            from ``pretrained_bands`` by ``band_method`` (:mod:`lightning_ft.bands`); ``in_chans`` is
+            then the number of data bands. Each band's source is logged and kept in :attr:`band_report`.
+        pretrained_bands: the bands the pretrained weights were trained on (``"rgb"``: red, green, blue).
+        band_method: ``"match"`` (shared bands copied, others interpolated by wavelength),
+            ``"interpolation"``, ``"averaging"``, ``"random"`` or ``"tile"`` (timm's ``adapt_input_conv``).
+        band_noise: noise added to the kernels of bands that are not copied (relative to the kernel's
+            std), so every band stays distinguishable; drawn with a fixed seed.
+        stem_layer: the dotted name of the first layer of an ``nn.Module`` backbone (timm models name
+            their own).
+        patch_size: a new patch size for a timm ViT (patch embedding and position embedding resampled,
+            FlexiViT-style).
     """
 
     METRIC_BUFFER = 16  # training/validation batches buffered per torchmetrics update
@@ -122,6 +153,15 @@ class FineTuneModule(L.LightningModule):
         scheduler_monitor: str = "val/loss",
         class_names: list[str] | None = None,
         input_config: dict[str, Any] | None = None,
+        tasks: dict[str, int] | None = None,
+        task_weighting: Literal["fixed", "uncertainty"] = "fixed",
+        task_weights: dict[str, float] | None = None,
+        data_bands: BandSpec | None = None,
+        pretrained_bands: BandSpec = "rgb",
+        band_method: BandMethod = "match",
+        band_noise: float = 0.0,
+        stem_layer: str | None = None,
+        patch_size: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 2:
@@ -145,8 +185,19 @@ class FineTuneModule(L.LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
 
+        if data_bands is not None:
+            in_chans = _band_count(data_bands, in_chans)
+            self.hparams["in_chans"] = in_chans
+        if tasks is not None:
+            _check_tasks(tasks, task_weights, task_weighting)
+        elif task_weights is not None or task_weighting != "fixed":
+            raise ValueError("task_weights/task_weighting apply to several tasks: give tasks={'name': classes, ...}.")
+        self.tasks: dict[str, int] | None = dict(tasks) if tasks is not None else None
+        self.band_report: list[Any] = []
         if isinstance(backbone, str):
-            self.backbone = create_backbone(backbone, pretrained, in_chans=in_chans, img_size=img_size)
+            # band-aware adaptation starts from the stem of the pretrained bands, then adapts it
+            stem_chans = len(_resolve(pretrained_bands)) if data_bands is not None else in_chans
+            self.backbone = create_backbone(backbone, pretrained, in_chans=stem_chans, img_size=img_size)
         elif isinstance(backbone, nn.Module):
             if pretrained not in (None, False):
                 raise ValueError(
@@ -156,6 +207,16 @@ class FineTuneModule(L.LightningModule):
             self.backbone = backbone
         else:
             raise TypeError(f"backbone must be a timm model name or an nn.Module, got {type(backbone).__name__}.")
+        if data_bands is not None:
+            from lightning_ft.bands import adapt_input_bands
+
+            self.band_report = adapt_input_bands(
+                self.backbone, pretrained_bands, data_bands, band_method, layer=stem_layer, noise=band_noise
+            )
+        if patch_size is not None:
+            from lightning_ft.bands import set_patch_size
+
+            set_patch_size(self.backbone, patch_size)
         self.num_features = backbone_feature_dim(self.backbone, feature_dim)
         self.channels_last = channels_last
         if channels_last:
@@ -163,18 +224,15 @@ class FineTuneModule(L.LightningModule):
         self.num_classes = num_classes
         self.class_names: list[str] | None = list(class_names) if class_names is not None else None
         self.head = self._make_head(head, head_kwargs)
+        self.task_weighting = (
+            TaskWeighting(list(self.tasks), mode=task_weighting, weights=task_weights) if self.tasks else None
+        )
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
 
-        metrics = MetricCollection(
-            {
-                "acc": MulticlassAccuracy(num_classes, average="micro", ignore_index=MISSING),
-                "f1": MulticlassF1Score(num_classes, average="macro", ignore_index=MISSING),
-                "ece": MulticlassCalibrationError(num_classes, ignore_index=MISSING),
-            }
-        )
+        metrics = _metrics(num_classes)
         self.train_metrics = metrics.clone(prefix="train/")
         # epoch means of the loss, synced across ranks. A NaN loss must stay NaN: the default drops it,
         # and "disable" ignores the weights (torchmetrics 1.9), so NaN is "replaced" by NaN
@@ -184,6 +242,16 @@ class FineTuneModule(L.LightningModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.val_target_metrics = metrics.clone(prefix="val_target/")  # domain adaptation: reporting only
         self.test_metrics = metrics.clone(prefix="test/")
+        if self.tasks:  # one collection and one loss mean per task and stage: <stage>/<task>/acc, .../loss
+            # (keys "train_", ...: nn.Module has a train attribute)
+            self.task_metrics = nn.ModuleDict({
+                f"{stage}_": nn.ModuleDict({t: _metrics(n).clone(prefix=f"{stage}/{t}/") for t, n in self.tasks.items()})
+                for stage in ("train", "val", "test")
+            })
+            self.task_losses = nn.ModuleDict({
+                f"{stage}_": nn.ModuleDict({t: MeanMetric(nan_strategy=float("nan")) for t in self.tasks})
+                for stage in ("train", "val", "test")
+            })
         self._target_probs: list[torch.Tensor] = []
         self._pending: dict[int, list[tuple[torch.Tensor, ...]]] = {}  # batches waiting for a metric update
 
@@ -193,6 +261,8 @@ class FineTuneModule(L.LightningModule):
             if head_kwargs:
                 raise ValueError("head_kwargs only apply to a head given by name; this head is an nn.Module.")
             return head
+        if self.tasks:
+            return TaskHeads(self.num_features, self.tasks, head=head, head_kwargs=head_kwargs)
         return build_head(head, self.num_features, self.num_classes, **(head_kwargs or {}))
 
     def replace_head(self, head: str | nn.Module, **head_kwargs: Any) -> nn.Module:
@@ -218,7 +288,19 @@ class FineTuneModule(L.LightningModule):
         if size:
             config["input_size"] = (chans, size, size)
         config["input_size"] = (chans, *config["input_size"][1:])
-        config["mean"], config["std"] = band_mean_std(chans, config)  # per band, as timm's adapt_input_conv maps the RGB kernels
+        bands = self.hparams.get("data_bands")
+        if bands is None:
+            config["mean"], config["std"] = band_mean_std(chans, config)  # per band, as timm's adapt_input_conv maps the RGB kernels
+        else:
+            # ImageNet statistics describe red, green and blue only: other bands need their own
+            # (lightning_ft.bands.band_statistics), from input_config or the datamodule
+            from lightning_ft.bands import imagenet_stats_for
+
+            try:
+                config["mean"], config["std"] = imagenet_stats_for(_resolve(bands))
+            except ValueError:
+                config.pop("mean", None)
+                config.pop("std", None)
         config.update(self.hparams.get("input_config") or {})
         return config
 
@@ -246,15 +328,44 @@ class FineTuneModule(L.LightningModule):
                 return backbone_features(self.backbone, x)
         return backbone_features(self.backbone, x)
 
-    def forward_features(self, x: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(pooled features (B, D), logits (B, C))`` -- what domain-adaptation losses need."""
+    def forward_features(self, x: Inputs) -> tuple[torch.Tensor, Any]:
+        """``(pooled features (B, D), logits (B, C))`` -- what domain-adaptation losses need.
+
+        With ``tasks`` the logits are a dict per task; for a time series (:data:`SERIES_KEYS`) the
+        features are per date, ``(B, T, D)``.
+        """
+        if _is_series(x):
+            return self._series_forward(x)
         feats = self.features(x)
         pooled = pool_features(self.backbone, feats)
+        if getattr(self.head, "wants_dates", False):
+            raise ValueError(
+                "The head pools over dates (head='temporal') but the inputs are not a time series. Give inputs "
+                "{'images': (B, T, C, H, W), 'mask': (B, T), 'doy': (B, T)}, or another head."
+            )
         logits = self.head(to_tokens(feats) if getattr(self.head, "wants_tokens", False) else pooled)
         return pooled, logits
 
-    def forward(self, x: Inputs) -> torch.Tensor:
-        """Logits ``(B, C)`` of the inputs (a tensor, or a dict of tensors: :mod:`lightning_ft.batch`)."""
+    def _series_forward(self, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        """Every date through the backbone (shared weights, one batch of ``B*T`` images), then the temporal head."""
+        if not getattr(self.head, "wants_dates", False):
+            raise ValueError(
+                "The inputs are a time series (images (B, T, C, H, W)) but the head does not pool over dates. Use "
+                "head='temporal' (head_kwargs={'pooling': 'attention' | 'mean' | 'max' | 'last'})."
+            )
+        images = x["images"]
+        b, t = images.shape[:2]
+        mask = x.get("mask")
+        mask = torch.ones(b, t, dtype=torch.bool, device=images.device) if mask is None else mask.bool()
+        doy = x.get("doy")
+        if doy is None:
+            doy = torch.arange(1, t + 1, device=images.device).expand(b, t)
+        pooled = pool_features(self.backbone, self.features(images.flatten(0, 1))).unflatten(0, (b, t))
+        return pooled, self.head(pooled, mask, doy)
+
+    def forward(self, x: Inputs) -> Any:
+        """Logits ``(B, C)`` of the inputs (a tensor, or a dict of tensors: :mod:`lightning_ft.batch`); with
+        ``tasks``, a dict of logits per task."""
         return self.forward_features(x)[1]
 
     def train(self, mode: bool = True) -> FineTuneModule:
@@ -287,7 +398,7 @@ class FineTuneModule(L.LightningModule):
         return format_layer_groups(self)
 
     # --------------------------------------------------------------- training
-    def _targets(self, targets: Any) -> torch.Tensor:
+    def _targets(self, targets: Any) -> Any:
         """Checked class-index targets of one task (``MISSING`` marks a sample without a label)."""
         if targets is None:
             raise ValueError(
@@ -295,10 +406,21 @@ class FineTuneModule(L.LightningModule):
                 "{'inputs': ..., 'targets': ...} (lightning_ft.batch). Unlabelled data belongs in predict, or in "
                 "the 'target' part of a domain-adaptation batch."
             )
+        if self.tasks:
+            if not isinstance(targets, dict):
+                raise ValueError(
+                    f"The model has tasks {sorted(self.tasks)}, so targets are a dict of class indices per task "
+                    "({'task': (B,) tensor}, MISSING where a sample has no label); got one tensor."
+                )
+            unknown = sorted(set(map(str, targets)) - set(self.tasks))
+            if unknown:
+                raise ValueError(f"The targets name tasks {unknown} that the model lacks; its tasks: {sorted(self.tasks)}.")
+            return {t: check_class_targets(targets[t], n, task=t) for t, n in self.tasks.items() if t in targets}
         if isinstance(targets, dict):
             raise ValueError(
                 f"The targets come per task ({', '.join(sorted(map(str, targets)))}), but FineTuneModule has one "
-                "classification head: give one tensor of class indices per batch."
+                "classification head: give tasks={'task': classes, ...} for one head per task, or one tensor of "
+                "class indices per batch."
             )
         return check_class_targets(targets, self.num_classes)
 
@@ -312,7 +434,63 @@ class FineTuneModule(L.LightningModule):
             return self._adaptation_step(batch)
         inputs, targets = split_batch(batch)
         y = self._targets(targets)
+        if self.tasks:
+            return self._score_tasks(self(inputs), y, stage)
         return self._score(self(inputs), y, stage)
+
+    def _score_tasks(self, logits: dict[str, torch.Tensor], ys: dict[str, torch.Tensor],
+                     stage: Literal["train", "val", "test"]) -> torch.Tensor:
+        """Per task: cross-entropy over its labelled rows, its metrics and epoch loss; the tasks combined by
+        :class:`~lightning_ft.losses.multitask.TaskWeighting` (a task without a label in the batch left out)."""
+        smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
+        losses, present = {}, {}
+        rows = 0
+        for task in self.tasks:
+            y = ys.get(task)
+            if y is None:
+                continue  # no label of this task in the batch
+            out = logits[task].float()
+            count = labelled(y).sum()
+            loss = F.cross_entropy(out, y, ignore_index=MISSING, label_smoothing=smoothing, reduction="sum")
+            losses[task] = loss / count.clamp_min(1)
+            present[task] = count > 0
+            rows = len(y)
+            self._buffered_update(self.task_metrics[f"{stage}_"][task], out.detach().softmax(-1), y)
+            self._update_loss(self.task_losses[f"{stage}_"][task], losses[task], count)
+        if not losses:
+            raise ValueError(f"A {stage} batch has targets for none of the tasks {sorted(self.tasks)}.")
+        total = self.task_weighting(losses, present)
+        if stage == "train":
+            connector = getattr(self._trainer, "_logger_connector", None) if self._trainer is not None else None
+            if connector is None or getattr(connector, "should_update_logs", True):
+                self.log("train/loss_step", total.detach(), on_step=True, on_epoch=False, prog_bar=True,
+                         batch_size=rows)
+        return total
+
+    def _log_task_epoch(self, stage: Literal["train", "val", "test"]) -> None:
+        """Per task ``<stage>/<task>/loss`` and metrics; combined ``<stage>/loss`` (mean of the task losses) and
+        ``<stage>/acc`` (mean task accuracy), the monitors for checkpointing and unfreezing."""
+        losses, accs = [], []
+        for task in self.tasks:
+            value = self._epoch_loss(self.task_losses[f"{stage}_"][task])
+            if value is not None:
+                self.log(f"{stage}/{task}/loss", value)
+                losses.append(value)
+            acc = self._log_epoch_metrics(self.task_metrics[f"{stage}_"][task], prog_bar=False).get(f"{stage}/{task}/acc")
+            if acc is not None:
+                accs.append(acc)
+        if losses:
+            mean = torch.stack(losses).mean()
+            if stage == "train":  # as with one task: the epoch value to the loggers, train/loss for monitors only
+                self.log("train/loss_epoch", mean)
+                self.log("train/loss", mean, logger=False)
+            else:
+                self.log(f"{stage}/loss", mean, prog_bar=True)
+        if accs:
+            self.log(f"{stage}/acc", torch.stack(accs).mean(), prog_bar=stage != "train")
+        if stage == "train" and self.task_weighting is not None:
+            for task, weight in self.task_weighting.weights_dict().items():
+                self.log(f"train/{task}/weight", weight)
 
     def _score(self, logits: torch.Tensor, y: torch.Tensor, stage: Literal["train", "val", "test"]) -> torch.Tensor:
         """Cross-entropy over the labelled rows; metrics and the epoch loss updated (logged once, at the epoch's end)."""
@@ -381,6 +559,9 @@ class FineTuneModule(L.LightningModule):
         return values
 
     def on_train_epoch_end(self) -> None:
+        if self.tasks:
+            self._log_task_epoch("train")
+            return
         value = self._epoch_loss(self.train_loss)
         if value is not None:
             self.log("train/loss_epoch", value)
@@ -388,6 +569,9 @@ class FineTuneModule(L.LightningModule):
         self._log_epoch_metrics(self.train_metrics, prog_bar=False)
 
     def on_test_epoch_end(self) -> None:
+        if self.tasks:
+            self._log_task_epoch("test")
+            return
         value = self._epoch_loss(self.test_loss)
         if value is not None:
             self.log("test/loss", value, prog_bar=True)
@@ -399,6 +583,8 @@ class FineTuneModule(L.LightningModule):
     def _adaptation_step(self, batch: dict[str, Any]) -> torch.Tensor:
         """Source cross-entropy plus the attached DomainAdaptation's losses (:mod:`lightning_ft.losses.adaptation`)."""
         adaptation = adaptation_of(self)
+        if self.tasks:
+            raise ValueError("Domain adaptation trains one classification task; this model has tasks= (several heads).")
         if adaptation is None:
             raise ValueError(
                 "The training batch holds 'source' and 'target' data but no DomainAdaptation callback is attached. "
@@ -424,6 +610,9 @@ class FineTuneModule(L.LightningModule):
         return self._step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
+        if self.tasks:
+            self._log_task_epoch("val")
+            return
         value = self._epoch_loss(self.val_loss)
         if value is not None:
             self.log("val/loss", value, prog_bar=True)
@@ -447,9 +636,13 @@ class FineTuneModule(L.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "test")
 
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        """Class probabilities ``(B, C)``; with ``tasks``, a dict of them per task."""
         inputs, _ = split_batch(batch)
-        return self(inputs).float().softmax(dim=-1)
+        logits = self(inputs)
+        if isinstance(logits, dict):
+            return {t: v.float().softmax(dim=-1) for t, v in logits.items()}
+        return logits.float().softmax(dim=-1)
 
     # -------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> dict[str, Any]:
@@ -526,6 +719,46 @@ class FineTuneModule(L.LightningModule):
             hparams = dict(hparams)
             hparams["pretrained"] = None
             checkpoint["hyper_parameters"] = hparams
+
+
+def _is_series(x: Any) -> bool:
+    """A time-series input: a dict whose ``images`` are ``(B, T, C, H, W)``."""
+    return isinstance(x, dict) and isinstance(x.get("images"), torch.Tensor) and x["images"].ndim == 5
+
+
+def _metrics(num_classes: int) -> MetricCollection:
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(num_classes, average="micro", ignore_index=MISSING),
+            "f1": MulticlassF1Score(num_classes, average="macro", ignore_index=MISSING),
+            "ece": MulticlassCalibrationError(num_classes, ignore_index=MISSING),
+        }
+    )
+
+
+def _resolve(spec: Any) -> list[Any]:
+    from lightning_ft.bands import resolve_bands
+
+    return resolve_bands(spec)
+
+
+def _band_count(data_bands: Any, in_chans: int) -> int:
+    count = len(_resolve(data_bands))
+    if in_chans not in (3, count):
+        raise ValueError(
+            f"in_chans={in_chans} but data_bands names {count} bands. Leave in_chans out (it is the number of "
+            "data bands), or name every band of the data."
+        )
+    return count
+
+
+def _check_tasks(tasks: Any, weights: Any, weighting: str) -> None:
+    if not isinstance(tasks, dict) or not tasks:
+        raise ValueError(f"tasks must be a non-empty dict {{task: number of classes}}, got {tasks!r}.")
+    if weights is not None and weighting != "fixed":
+        raise ValueError(
+            "task_weights are fixed weights, but task_weighting='uncertainty' learns them. Use one or the other."
+        )
 
 
 def _short(names: list[str], n: int = 5) -> str:

@@ -1,4 +1,4 @@
-"""Domain-adaptation losses and label-free scores: the maths in functions, thin modules beside them (torch only)."""
+"""Domain-adaptation losses, multi-task weighting and label-free scores: the maths in functions, thin modules beside them (torch only)."""
 
 from lightning_ft.distributed import gather_with_grad
 from lightning_ft.losses.adversarial import (
@@ -18,6 +18,7 @@ from lightning_ft.losses.adaptation import (
     drop_adaptation_state,
 )
 from lightning_ft.losses.label_free import entropy, information_maximization, prediction_sums
+from lightning_ft.losses.multitask import TaskWeighting, bounded_log_vars, fixed_weighted, uncertainty_weighted
 from lightning_ft.losses.discrepancy import CORALLoss, MeanAlignmentLoss, MMDLoss, coral, mean_alignment, mmd, mmd_linear
 from lightning_ft.losses.self_training import (
     EntropyLoss,
@@ -39,13 +40,16 @@ __all__ = [
     "MMDLoss",
     "MeanAlignmentLoss",
     "PseudoLabelLoss",
+    "TaskWeighting",
     "adaptation_of",
+    "bounded_log_vars",
     "cdan_loss",
     "coral",
     "dann_loss",
     "domain_forward",
     "drop_adaptation_state",
     "entropy",
+    "fixed_weighted",
     "gather_with_grad",
     "grl_coefficient",
     "information_maximization",
@@ -56,4 +60,5 @@ __all__ = [
     "prediction_sums",
     "pseudo_label_loss",
     "reverse_gradient",
+    "uncertainty_weighted",
 ]

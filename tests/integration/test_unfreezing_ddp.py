@@ -144,3 +144,23 @@ def test_without_rewrap_ranks_drift(tmp_path):
     assert r0["fit_end"]["param_hash"] != r1["fit_end"]["param_hash"]
     with pytest.raises(AssertionError, match="differ"):
         assert_ranks_identical(r0, r1, epochs=4)
+
+
+def test_temporal_model_in_bf16_ranks_stay_identical_after_each_thaw(tmp_path):
+    """A satellite-image-time-series model (every date through the backbone, an attention temporal head)
+    under bf16-mixed: the temporal head trains from the start as the head group, and the ranks stay
+    bitwise identical through the thaws at epochs 1 (layer4.0) and 2 (all)."""
+    r0, r1 = run_ddp(tmp_path, "temporal")
+    assert_ranks_identical(r0, r1, epochs=3)
+    for record in (r0, r1):
+        assert [e["phase"] for e in record["epochs"]] == [0, 1, 2]
+        trainable = [sum(record["epochs"][e]["requires_grad"].values()) for e in range(3)]
+        assert trainable == sorted(set(trainable)), trainable  # strictly more at each thaw
+        first_epoch = record["epochs"][0]["requires_grad"]
+        assert all(v for n, v in first_epoch.items() if n.startswith("head.")) and not any(
+            v for n, v in first_epoch.items() if n.startswith("backbone."))
+        assert all(record["fit_end"]["requires_grad"].values())
+        assert_frozen_prefix_untouched(record)
+        first = phase_of_steps(record)
+        assert sorted(first) == [0, 1, 2] and first[0][1] == "head"
+        assert first[1][1] == "backbone.layer4"

@@ -3,6 +3,8 @@
 Usage: ``python ddp_unfreeze.py OUT_DIR [milestones|plateau]``
 
 * ``milestones``: FineTuneModule(layer_decay=0.8) thawed at epoch milestones 1, 2, 3.
+* ``temporal``: FineTuneModule on a satellite image time series (every date through the backbone,
+  an attention temporal head), bf16-mixed, thawed at milestones 1 and 2.
 * ``plateau``: a plain LightningModule with its own ``AdamW(self.parameters())`` + OneCycleLR,
   made layer-decayed by LayerwiseLRDecay, thawed on a plateau of a metric that each rank scripts
   differently (only the cross-rank mean plateaus): the decision must be taken together.
@@ -45,7 +47,8 @@ if os.environ.get("LFT_NO_REWRAP") == "1":  # negative control (both ranks run t
     _common.rewrap_ddp = _no_rewrap
     _unfreezing.rewrap_ddp = _no_rewrap
 
-MAX_EPOCHS = {"milestones": 4, "plateau": 5}
+MAX_EPOCHS = {"milestones": 4, "plateau": 5, "temporal": 3}
+TEMPORAL_MILESTONES = {1: ["layer4.0"], 2: "all"}
 MILESTONES = {1: ["layer4.0"], 2: ["layer3.0", "layer2.0"], 3: "all"}
 # per-rank scripted metric (min mode, patience 1). Alone, rank 0 would plateau at epoch 2 only and
 # rank 1 at epoch 1 only; their mean (1.0, 1.25, 1.5, 1.75, 0.75) plateaus at epochs 1 and 3,
@@ -212,12 +215,36 @@ def loaders() -> tuple[DataLoader, DataLoader]:
     return train, val
 
 
+class SeriesData(torch.utils.data.Dataset):
+    """Time series of 4 dates (the last one padding for every third sample), classes by the date of a bright spell."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.y = torch.arange(n) % 3
+        self.images = torch.randn(n, 4, 3, 16, 16, generator=g)
+        self.images[torch.arange(n), self.y] += 1.5
+        self.mask = torch.ones(n, 4, dtype=torch.bool)
+        self.mask[::3, -1] = False
+        self.doy = torch.tensor([30, 120, 210, 300]).expand(n, 4)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return {"images": self.images[i], "mask": self.mask[i], "doy": self.doy[i]}, self.y[i]
+
+
 def main(out_dir: Path, config: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(1234)
     if config == "milestones":
         model = FineTuneModule("test_resnet", num_classes=3, pretrained=None, layer_decay=0.8, lr=1e-2)
         unfreezing = GradualUnfreezing(monitor=None, milestones=MILESTONES, verbose=False)
+        callbacks = [unfreezing]
+    elif config == "temporal":
+        model = FineTuneModule("test_resnet", num_classes=3, head="temporal", layer_decay=0.8, lr=1e-2,
+                               head_kwargs={"pooling": "attention", "num_heads": 2, "hidden_dim": 16})
+        unfreezing = GradualUnfreezing(monitor=None, milestones=TEMPORAL_MILESTONES, verbose=False)
         callbacks = [unfreezing]
     elif config == "plateau":
         model = UserModule(scripted=True)
@@ -234,9 +261,13 @@ def main(out_dir: Path, config: str) -> None:
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=MAX_EPOCHS[config], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, callbacks=callbacks,
+        num_sanity_val_steps=0, callbacks=callbacks, precision="bf16-mixed" if config == "temporal" else "32-true",
     )
-    train, val = loaders()
+    if config == "temporal":
+        train = DataLoader(SeriesData(32, seed=0), batch_size=4)
+        val = DataLoader(SeriesData(16, seed=1), batch_size=4)
+    else:
+        train, val = loaders()
     trainer.fit(model, train, val)
 
 
