@@ -5,7 +5,9 @@ The pieces :class:`lightning_ft.callbacks.FeatureCache` is built from (torch onl
 
 * :class:`FeatureTable`: one row per dataset sample -- the input of the cut module of a
   :class:`lightning_ft.prefix.PrefixCut` (the head's inputs when the cut is at the head) -- in memory
-  on the model's device or memory-mapped on disk, with the labels.
+  on the model's device or memory-mapped on disk, with the labels and, for dict inputs (an image time
+  series), the *extras*: the entries other than the one the frozen part consumes (``mask``, ``doy``),
+  stored as loaded and served for real (:meth:`lightning_ft.prefix.PrefixCut.placeholder_input`).
 * :class:`CachedIterator`: iterates a ``DataLoader``'s own batch sampler -- so the batches and the
   random number stream are exactly those of the uncached loader -- and hands each index batch to a
   function that serves it (rows of a table, or the samples loaded as the loader would).
@@ -42,11 +44,19 @@ _RANDOM_NAMES = ("Random", "AutoAugment", "RandAugment", "TrivialAugment", "AugM
 
 
 class FeatureTable:
-    """Rows of the frozen part's output for every sample of one dataset, plus the labels."""
+    """Rows of the frozen part's output for every sample of one dataset, plus the labels and the extras.
+
+    ``features`` hold one row per sample: ``(n, *shape)``, where ``shape`` starts with ``k`` when
+    the cut sees ``k`` rows per sample (``(n, T, ...)`` for the dates of a time series).
+    ``extras`` (a dict of ``(n, ...)`` tensors, in memory even when the features are memory-mapped)
+    are the inputs' other entries, served as they were loaded.
+    """
 
     def __init__(self, features: torch.Tensor | np.memmap, labels: torch.Tensor, dtype: torch.dtype,
-                 path: Path | None = None, cut: PrefixCut | None = None, generation: int = 0) -> None:
+                 path: Path | None = None, cut: PrefixCut | None = None, generation: int = 0,
+                 extras: dict[str, torch.Tensor] | None = None) -> None:
         self.features = features
+        self.extras = extras or {}
         self.generation = generation  # which build this is (a rebuilt table has a new one)
         self.cut = cut
         self.labels = labels
@@ -61,6 +71,13 @@ class FeatureTable:
         else:  # memmap: read the rows
             rows = torch.from_numpy(np.ascontiguousarray(self.features[idx.numpy()])).to(self.dtype)
         return rows, self.labels[idx.to(self.labels.device)]
+
+    def extra_rows(self, index: list[int] | torch.Tensor) -> dict[str, torch.Tensor]:
+        """The extras of the samples ``index`` (``{}`` for tensor inputs)."""
+        if not self.extras:
+            return {}
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return {k: v[idx.to(v.device)] for k, v in self.extras.items()}
 
     def close(self) -> None:
         if self.path is not None:
@@ -140,14 +157,18 @@ def _transform_names(obj: Any, depth: int = 0) -> list[str]:
     return names
 
 
-def _first_tensor(sample: Any) -> torch.Tensor | None:
+def _input_tensors(sample: Any) -> list[torch.Tensor]:
+    """The tensors of a sample's inputs: the first item of a pair, every tensor of a dict of inputs."""
     if isinstance(sample, torch.Tensor):
-        return sample
+        return [sample]
     if isinstance(sample, (list, tuple)) and sample:
-        return _first_tensor(sample[0])
+        return _input_tensors(sample[0])
     if isinstance(sample, dict) and sample:
-        return _first_tensor(next(iter(sample.values())))
-    return None
+        values = sample["inputs"] if "inputs" in sample else sample
+        if isinstance(values, dict):
+            return [v for v in values.values() if isinstance(v, torch.Tensor)]
+        return _input_tensors(values)
+    return []
 
 
 def random_transform_report(dataset: Dataset, probes: int = 2) -> str | None:
@@ -170,9 +191,9 @@ def random_transform_report(dataset: Dataset, probes: int = 2) -> str | None:
                 torch.default_generator.manual_seed(seed)  # the CPU generator only: GPU streams untouched
                 np.random.seed(seed)
                 random.seed(seed)
-                loads.append(_first_tensor(dataset[i]))
+                loads.append(_input_tensors(dataset[i]))
             a, b = loads
-            if a is not None and b is not None and (a.shape != b.shape or not torch.equal(a, b)):
+            if len(a) != len(b) or any(u.shape != v.shape or not torch.equal(u, v) for u, v in zip(a, b)):
                 differs.append(i)
     finally:
         torch.set_rng_state(states[0])
@@ -199,8 +220,7 @@ def sample_fingerprint(dataset: Dataset) -> tuple[int, int, float]:
             torch.default_generator.manual_seed(0)  # the CPU generator only: GPU streams untouched
             np.random.seed(0)
             random.seed(0)
-            x = _first_tensor(dataset[i])
-            if x is not None:
+            for x in _input_tensors(dataset[i]):
                 total += float(x.double().sum()) + float(x.double().abs().sum()) * 1e-3
     finally:
         torch.set_rng_state(states[0])

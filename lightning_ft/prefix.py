@@ -10,6 +10,15 @@ trainable layer computes the same function of the input at every step. :func:`fi
 * ``inject(features)``: a context in which the model runs from the cut: the modules of the prefix
   return placeholders instead of computing, and the cut module receives ``features``.
 
+The model's input is a tensor, or a dict of batch-first tensors (an image time series
+``{"images": (B, T, C, H, W), "mask": (B, T), "doy": (B, T)}``). Of a dict, the floating-point
+tensor with the most elements per sample is the one the prefix consumes (:func:`placeholder_key`):
+it becomes a NaN placeholder, and the other entries are *extras*, passed for real while injecting
+(the part after the cut -- a temporal head -- reads them). A module may see more rows than samples
+(``images.flatten(0, 1)`` runs ``B*T`` images through the backbone): the trace records ``k = rows /
+batch`` per module call; a cut whose input has ``k > 1`` rows per sample captures them folded,
+``(n, k, ...)``, one row per sample for the table, and ``inject`` unfolds them.
+
 The cut is found by tracing one forward pass (eval mode, no grad, modes restored afterwards): the
 first module, in execution order, that owns a trainable parameter or is a BatchNorm/dropout/
 drop-path layer in training mode, or else one of its enclosing modules (a residual block whose
@@ -25,14 +34,52 @@ torch only: no Lightning here.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch import nn
 
-__all__ = ["PrefixCut", "changes_in_training_mode", "find_cut", "is_live"]
+__all__ = ["Inputs", "PrefixCut", "changes_in_training_mode", "find_cut", "input_rows", "inputs_to", "is_live",
+           "placeholder_key"]
+
+Inputs = Union[torch.Tensor, Mapping[str, torch.Tensor]]  # a model input: a tensor or a dict of batch-first tensors
+
+
+def placeholder_key(x: Inputs) -> str | None:
+    """The entry of dict inputs the frozen prefix consumes: the floating-point tensor with the most elements
+    per sample (the images of a time series); ``None`` for a tensor input.
+
+    Raises a ``ValueError`` for a dict that is not one of batch-first tensors with a floating-point entry.
+    """
+    if isinstance(x, torch.Tensor):
+        return None
+    if not (isinstance(x, Mapping) and x and all(isinstance(v, torch.Tensor) and v.ndim >= 1 for v in x.values())):
+        kind = type(x).__name__ + (f" of {', '.join(sorted({type(v).__name__ for v in x.values()}))}"
+                                   if isinstance(x, Mapping) and x else "")
+        raise ValueError(f"the model's inputs are a {kind}, not a tensor or a dict of batch-first tensors")
+    sizes = {k: v.shape[0] for k, v in x.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"the tensors of the inputs dict have different batch sizes ({sizes})")
+    floats = [k for k, v in x.items() if v.is_floating_point()]
+    if not floats:
+        raise ValueError(f"the inputs dict ({', '.join(map(str, x))}) has no floating-point tensor for the frozen part to read")
+    return max(floats, key=lambda k: x[k][:1].numel())  # the first of equals
+
+
+def input_rows(x: Inputs) -> int:
+    """The number of samples in ``x`` (a tensor, or a dict of batch-first tensors)."""
+    return int(x.shape[0]) if isinstance(x, torch.Tensor) else int(next(iter(x.values())).shape[0])
+
+
+def inputs_to(x: Inputs, device: torch.device | str) -> Inputs:
+    """``x`` on ``device`` (every tensor of a dict)."""
+    return x.to(device) if isinstance(x, torch.Tensor) else {k: v.to(device) for k, v in x.items()}
+
+
+def _rows_of(x: Inputs, index: slice) -> Inputs:
+    return x[index] if isinstance(x, torch.Tensor) else {k: v[index] for k, v in x.items()}
 
 
 def changes_in_training_mode(m: nn.Module) -> bool:
@@ -66,12 +113,19 @@ class _Call:
     name: str
     enter: int
     exit: int = -1
-    shape: tuple[int, ...] | None = None  # of the output without the batch dim (None: not one float tensor)
+    shape: tuple[int, ...] | None = None  # of the output without the leading dim (None: not one float tensor)
     dtype: torch.dtype | None = None
     tensor_input: bool = False  # called with a tensor as its first positional argument
+    rows: int | None = None  # the output's leading size (k * batch for k rows per sample)
+    in_rows: int | None = None  # the leading size of the first positional argument
 
 
-def _trace(root: nn.Module, run: Callable[[torch.Tensor], Any], x: torch.Tensor) -> list[_Call]:
+def _per_sample(rows: int | None, batch: int) -> int | None:
+    """``k``: the rows per sample of a leading size ``rows`` for ``batch`` samples, or ``None``."""
+    return rows // batch if rows and rows % batch == 0 else None
+
+
+def _trace(root: nn.Module, run: Callable[[Inputs], Any], x: Inputs) -> list[_Call]:
     calls: list[_Call] = []
     open_calls: dict[int, list[_Call]] = {}
     clock = [0]
@@ -83,7 +137,9 @@ def _trace(root: nn.Module, run: Callable[[torch.Tensor], Any], x: torch.Tensor)
 
     for name, module in root.named_modules():
         def pre(m: nn.Module, args: Any, name: str = name) -> None:
-            call = _Call(name, tick(), tensor_input=bool(args) and isinstance(args[0], torch.Tensor))
+            tensor_input = bool(args) and isinstance(args[0], torch.Tensor)
+            call = _Call(name, tick(), tensor_input=tensor_input,
+                         in_rows=args[0].shape[0] if tensor_input and args[0].ndim >= 1 else None)
             calls.append(call)
             open_calls.setdefault(id(m), []).append(call)
 
@@ -91,7 +147,7 @@ def _trace(root: nn.Module, run: Callable[[torch.Tensor], Any], x: torch.Tensor)
             call = open_calls[id(m)].pop()
             call.exit = tick()
             if isinstance(out, torch.Tensor) and out.ndim >= 1 and out.is_floating_point():
-                call.shape, call.dtype = tuple(out.shape[1:]), out.dtype
+                call.shape, call.dtype, call.rows = tuple(out.shape[1:]), out.dtype, out.shape[0]
 
         handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
     try:
@@ -122,14 +178,19 @@ def _nan(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> to
 class PrefixCut:
     """A verified cut of ``root``: see the module docstring. Build it with :func:`find_cut`."""
 
-    def __init__(self, root: nn.Module, name: str, skipped: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                 prefix: list[str], input_shape: tuple[int, ...], input_dtype: torch.dtype) -> None:
+    def __init__(self, root: nn.Module, name: str, skipped: dict[str, tuple[int, tuple[int, ...], torch.dtype]],
+                 prefix: list[str], input_shape: tuple[int, ...], input_dtype: torch.dtype, rows: int = 1,
+                 input_key: str | None = None, input_keys: tuple[str, ...] = ()) -> None:
         modules = dict(root.named_modules())
         self.name = name  # the cut module: its input is what the table stores
         self.module = modules[name]
-        self.skipped = {modules[n]: spec for n, spec in skipped.items()}
+        self.skipped = {modules[n]: spec for n, spec in skipped.items()}  # module -> (rows per sample, shape, dtype)
         self.prefix = prefix  # every module that runs before the cut
+        self.rows = rows  # rows of the cut module's input per sample (k): captured folded as (n, k, ...)
+        # the model's input: its per-sample shape and dtype (of the dict entry ``input_key``; the other
+        # entries, ``input_keys`` in order, are extras passed for real)
         self.input_shape, self.input_dtype = input_shape, input_dtype
+        self.input_key, self.input_keys = input_key, input_keys
         tensors: dict[int, torch.Tensor] = {}
         for n in prefix:  # recursively: a prefix module's uncalled children may act through it
             tensors.update({id(t): t for t in [*modules[n].parameters(), *modules[n].buffers()]})
@@ -146,8 +207,12 @@ class PrefixCut:
         """Storage and version counters of the prefix's tensors: changes when a weight is written."""
         return tuple((t.data_ptr(), t._version) for t in self._tensors)
 
-    def capture(self, run: Callable[[torch.Tensor], Any], x: torch.Tensor) -> torch.Tensor:
-        """The cut module's input for ``x`` (the forward pass stops at the cut)."""
+    def capture(self, run: Callable[[Inputs], Any], x: Inputs) -> torch.Tensor:
+        """The cut module's input for ``x``, one row per sample (the forward pass stops at the cut).
+
+        ``(n, *rest)``; with ``k = self.rows > 1`` rows per sample the ``n * k`` rows come folded,
+        ``(n, k, *rest)``.
+        """
         def stop(m: nn.Module, args: tuple[Any, ...]) -> None:
             raise _Stop(args[0])
 
@@ -155,14 +220,33 @@ class PrefixCut:
         try:
             run(x)
         except _Stop as s:
-            return s.value.detach()
+            value = s.value.detach()
+            return value if self.rows == 1 else value.unflatten(0, (-1, self.rows))
         finally:
             handle.remove()
         raise RuntimeError(f"The forward pass never reached '{self.name}'.")
 
-    def placeholder_input(self, n: int, device: torch.device) -> torch.Tensor:
-        """What to pass as the model's input while injecting ``n`` rows: only its shape is read."""
-        return _nan((n, *self.input_shape), self.input_dtype, device)
+    def extras(self, x: Inputs) -> dict[str, torch.Tensor]:
+        """The entries of dict inputs ``x`` that are passed for real while injecting (``{}`` for a tensor input)."""
+        return {} if isinstance(x, torch.Tensor) else {k: v for k, v in x.items() if k != self.input_key}
+
+    def placeholder_input(self, n: int, device: torch.device,
+                          extras: Mapping[str, torch.Tensor] | None = None) -> Inputs:
+        """What to pass as the model's input while injecting ``n`` rows.
+
+        A tensor input: a NaN placeholder (only its shape is read). Dict inputs: the same dict with a
+        NaN placeholder at :attr:`input_key` and the real ``extras`` of those ``n`` samples
+        (:meth:`extras`; the part after the cut reads them) at the other keys, in the model's order.
+        """
+        placeholder = _nan((n, *self.input_shape), self.input_dtype, device)
+        if self.input_key is None:
+            return placeholder
+        extras = extras or {}
+        missing = [k for k in self.input_keys if k != self.input_key and k not in extras]
+        if missing:
+            raise ValueError(f"Running from '{self.name}' needs the real {', '.join(map(repr, missing))} of the inputs "
+                             f"(only {self.input_key!r} is a placeholder): pass them as extras.")
+        return {k: placeholder if k == self.input_key else extras[k] for k in self.input_keys}
 
     def _placeholders(self, n: int, device: torch.device) -> dict[nn.Module, _Constant]:
         """The prefix modules' placeholder outputs for ``n`` rows (made once per size and device: they
@@ -171,8 +255,8 @@ class PrefixCut:
         made = self._made.get(key)
         if made is None:
             with torch.inference_mode(False):  # made during validation, used in training too
-                made = {module: _Constant(_nan((n, *shape), dtype, device))
-                        for module, (shape, dtype) in self.skipped.items()}
+                made = {module: _Constant(_nan((k * n, *shape), dtype, device))
+                        for module, (k, shape, dtype) in self.skipped.items()}
             self._made = {key: made}  # one size at a time: a training and a last, shorter batch alternate rarely
         return made
 
@@ -180,10 +264,14 @@ class PrefixCut:
     def inject(self, features: torch.Tensor) -> Iterator[None]:
         """Run the model from the cut: prefix modules return placeholders, the cut module gets ``features``.
 
-        Instance-level ``forward`` attributes do it (no hooks to register per step: this runs around
-        every cached training step); whatever instance-level ``forward`` a module had is restored.
+        ``features`` are rows as :meth:`capture` returns them, one per sample (folded ``(n, k, ...)``
+        rows are unfolded to ``(n * k, ...)`` for the cut module). Instance-level ``forward``
+        attributes do it (no hooks to register per step: this runs around every cached training
+        step); whatever instance-level ``forward`` a module had is restored.
         """
         placeholders = self._placeholders(features.shape[0], features.device)
+        if self.rows != 1:
+            features = features.flatten(0, 1)
         cut_forward = self.module.forward
 
         def from_cut(*args: Any, **kwargs: Any) -> Any:
@@ -222,28 +310,39 @@ def _outputs_equal(a: Any, b: Any) -> bool:
             a.float(), b.float(), rtol=1e-4, atol=1e-5)
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b):
         return all(_outputs_equal(u, v) for u, v in zip(a, b))
+    if isinstance(a, Mapping) and isinstance(b, Mapping) and list(a) == list(b):
+        return all(_outputs_equal(a[k], b[k]) for k in a)
     return False
 
 
-def find_cut(root: nn.Module, run: Callable[[torch.Tensor], Any], x: torch.Tensor) -> tuple[PrefixCut | None, str]:
+def find_cut(root: nn.Module, run: Callable[[Inputs], Any], x: Inputs) -> tuple[PrefixCut | None, str]:
     """The cut of ``root`` for its current trainable/training state, verified on the batch ``x``.
 
-    ``run(x)`` must run ``root`` (possibly with more around it, a head say). ``x`` should hold at
-    least 3 samples: the trace runs on all but the last, the verification on all, so that a layer
-    whose output is not batch-first is caught. Returns ``(cut, "")``, or ``(None, why not)``:
-    nothing in ``root`` trains, the very first computation does, or no cut reproduces the full
-    forward pass (in eval mode), or the prefix is random in the current (training) mode.
+    ``run(x)`` must run ``root`` (possibly with more around it, a head say). ``x`` is a tensor or a
+    dict of batch-first tensors (:func:`placeholder_key` names the entry the prefix consumes; the
+    verification runs with NaN there and the real other entries, so a suffix that reads it is
+    caught). ``x`` should hold at least 3 samples: the trace runs on all but the last, the
+    verification on all, so that a layer whose output is not batch-first is caught. Returns
+    ``(cut, "")``, or ``(None, why not)``: nothing in ``root`` trains, the very first computation
+    does, no cut reproduces the full forward pass (in eval mode), or the prefix is random in the
+    current (training) mode.
     """
     modules = dict(root.named_modules())
     if any(getattr(m, "grad_checkpointing", False) for m in modules.values()):
         return None, "gradient checkpointing is on: it re-runs the forward pass during backward, past any cut"
+    try:
+        key = placeholder_key(x)
+    except ValueError as error:
+        return None, str(error)
     live = {n for n, m in modules.items() if is_live(m)}
     if not live:
         return None, "nothing in the model trains"
     if "" in live:
         return None, "the model's own parameters (not a submodule's) train: there is no frozen prefix"
+    n = input_rows(x)
+    traced = _rows_of(x, slice(None, -1)) if n > 1 else x
     with _eval_no_grad(root):
-        calls = _trace(root, run, x[:-1] if len(x) > 1 else x)
+        calls = _trace(root, run, traced)
         full = run(x)
     called = {c.name for c in calls}
     for name in [n for n in live if n not in called]:
@@ -256,25 +355,27 @@ def find_cut(root: nn.Module, run: Callable[[torch.Tensor], Any], x: torch.Tenso
     first = min((c for c in calls if c.name in live), key=lambda c: c.enter, default=None)
     if first is None:
         return None, f"the trainable layers ({', '.join(sorted(live)[:3])}, ...) never run in the forward pass"
+    main = x if key is None else x[key]
     why = ""
     for cut in _candidates(first, calls):  # innermost first: the longest prefix that verifies wins
-        candidate, why = _candidate(root, calls, cut, x)
+        candidate, why = _candidate(root, calls, cut, x, key, input_rows(traced))
         if candidate is None:
             continue
         try:
             with _eval_no_grad(root):
                 features = candidate.capture(run, x)
                 with candidate.inject(features):
-                    again = run(candidate.placeholder_input(len(x), x.device))
+                    again = run(candidate.placeholder_input(n, main.device, candidate.extras(x)))
             same = _outputs_equal(again, full)
         except Exception as error:  # an in-place op on a placeholder, a shape that is not batch-first, ...
             why = f"running from '{cut.name}' with the prefix cached failed ({type(error).__name__}: {error})"
             continue
         if not same:
+            reads = f", or the part after it reads the inputs' {key!r}" if key is not None else ""
             why = (f"running from '{cut.name}' with the prefix cached does not reproduce the full forward pass "
-                   "(a value of the prefix reaches past it, a skip connection say)")
+                   f"(a value of the prefix reaches past it, a skip connection say{reads})")
             continue
-        if not _deterministic(candidate, run, x):
+        if not _deterministic(candidate, run, x, main.device):
             why = (f"the frozen layers before '{cut.name}' are random in training mode (dropout or drop-path left "
                    "in training mode): put them in eval mode to cache them")
             continue
@@ -282,9 +383,9 @@ def find_cut(root: nn.Module, run: Callable[[torch.Tensor], Any], x: torch.Tenso
     return None, why
 
 
-def _deterministic(cut: PrefixCut, run: Callable[[torch.Tensor], Any], x: torch.Tensor) -> bool:
+def _deterministic(cut: PrefixCut, run: Callable[[Inputs], Any], x: Inputs, device: torch.device) -> bool:
     """Two captures in the model's current modes agree (the random state is restored afterwards)."""
-    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    devices = [device.index or 0] if device.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
         return torch.equal(cut.capture(run, x), cut.capture(run, x))
 
@@ -311,20 +412,30 @@ def _candidates(first: _Call, calls: list[_Call]) -> list[_Call]:
     return out
 
 
-def _candidate(root: nn.Module, calls: list[_Call], cut: _Call, x: torch.Tensor) -> tuple[PrefixCut | None, str]:
+def _candidate(root: nn.Module, calls: list[_Call], cut: _Call, x: Inputs, key: str | None,
+               batch: int) -> tuple[PrefixCut | None, str]:
+    """The cut before ``cut`` as traced on ``batch`` samples (module outputs of ``k * batch`` rows are
+    ``k`` rows per sample; one whose rows are not a multiple of the batch is not skipped: it runs)."""
     if not cut.tensor_input:
         return None, f"'{cut.name}', where the trainable part starts, takes no tensor as its first argument"
     if sum(c.name == cut.name for c in calls) != 1:
         return None, f"'{cut.name}', where the trainable part starts, runs more than once per forward pass"
+    rows = _per_sample(cut.in_rows, batch)
+    if rows is None:
+        return None, (f"the input of '{cut.name}', where the trainable part starts, has {cut.in_rows} rows for a batch "
+                      f"of {batch} samples, not a whole number per sample: a table of one row per sample cannot hold it")
     before = [c for c in calls if c.exit < cut.enter]
     if not before:
         return None, f"'{cut.name}' is the first layer that runs: nothing before it to cache"
     later = {c.name for c in calls if c.enter > cut.enter}
     once = {n for n in {c.name for c in before} if n not in later and sum(c.name == n for c in calls) == 1}
     prefix = list(dict.fromkeys(c.name for c in before))
-    skipped: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    skipped: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
     for c in sorted(before, key=lambda c: c.enter):  # parents first: skip the outermost modules only
         covered = any(c.name.startswith(n + ".") for n in skipped)
-        if c.name in once and c.shape is not None and c.dtype is not None and not covered:
-            skipped[c.name] = (c.shape, c.dtype)
-    return PrefixCut(root, cut.name, skipped, prefix, tuple(x.shape[1:]), x.dtype), ""
+        k = _per_sample(c.rows, batch)
+        if c.name in once and c.shape is not None and c.dtype is not None and k is not None and not covered:
+            skipped[c.name] = (k, c.shape, c.dtype)
+    main = x if key is None else x[key]
+    keys = () if key is None else tuple(x)
+    return PrefixCut(root, cut.name, skipped, prefix, tuple(main.shape[1:]), main.dtype, rows, key, keys), ""

@@ -5,7 +5,8 @@ from lightning_ft.callbacks.adapt_batchnorm import AdaptBatchNorm
 from lightning_ft.callbacks.feature_cache import FeatureCache
 from lightning_ft.callbacks.layer_decay import LayerwiseLRDecay
 from lightning_ft.callbacks.predictions import PredictionWriter
+from lightning_ft.callbacks.prototypes import SupportPrototypes
 from lightning_ft.callbacks.unfreezing import GradualUnfreezing, LinearProbing
 
 __all__ = ["AdaptBatchNorm", "DomainAdaptation", "FeatureCache", "GradualUnfreezing", "LayerwiseLRDecay", "LinearProbing",
-           "PredictionWriter"]
+           "PredictionWriter", "SupportPrototypes"]

@@ -28,6 +28,11 @@ uncached run ends, to float tolerance).
 * Refuses random training transforms (it loads samples twice under two seeds to find them):
   cached features would freeze one augmentation draw. ``allow_random_transforms=True`` accepts
   exactly that (one draw per sample, for all epochs), with a warning.
+* Time series: inputs may be a dict of batch-first tensors (``{"images": (B, T, C, H, W), "mask":
+  (B, T), "doy": (B, T)}``). The largest floating-point entry is what the frozen part consumes: a
+  cached batch has a NaN placeholder there, and the other entries (``mask``, ``doy``) are stored per
+  sample and served as loaded, since the part after the cut reads them. A cut that sees ``k`` rows
+  per sample (each date's image through the backbone) stores them as one row ``(k, ...)`` per sample.
 * Says so when it did not serve: ``served`` counts, per epoch, the training batches served from
   each cut and those loaded as images; an epoch that ran on images while the cache was on (the
   loader was not served through the cache: a Lightning or torch change, say) ends with a warning
@@ -65,7 +70,7 @@ from lightning_ft.feature_tables import (
     random_transform_report,
     sample_fingerprint,
 )
-from lightning_ft.prefix import PrefixCut, changes_in_training_mode, find_cut
+from lightning_ft.prefix import Inputs, PrefixCut, changes_in_training_mode, find_cut, inputs_to, placeholder_key
 
 __all__ = ["FeatureCache"]
 
@@ -85,7 +90,8 @@ class _Watch:
 
 
 class _Served:
-    """A batch served from a table: its placeholder inputs, the rows for them and where they came from."""
+    """A batch served from a table: its placeholder inputs (the placeholder tensor of dict inputs), the rows
+    for them and where they came from."""
 
     __slots__ = ("placeholder", "features", "index", "generation", "loader")
 
@@ -94,6 +100,24 @@ class _Served:
         # the table's generation, not the table: a rebuild must be able to free the old one
         self.placeholder, self.features, self.index, self.generation, self.loader = (
             placeholder, features, index, generation, loader)
+
+
+def _main_tensor(inputs: Any) -> torch.Tensor | None:
+    """The placeholder of a cached batch's inputs: the tensor, or the entry of a dict the prefix consumes."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs
+    try:
+        key = placeholder_key(inputs)
+    except ValueError:
+        return None
+    return inputs[key] if key is not None else None
+
+
+def _gather(x: torch.Tensor) -> torch.Tensor:
+    """:func:`gather_with_grad` for any dtype (bool through uint8: collectives may not take bool)."""
+    if x.dtype == torch.bool:
+        return gather_with_grad(x.to(torch.uint8).contiguous()).bool()
+    return gather_with_grad(x.contiguous())
 
 
 class _NoRoom(ValueError):
@@ -218,11 +242,13 @@ class FeatureCache(Callback):
         self._end()
         loader = self._train_loader
         x, _ = fetch_inputs(loader.dataset, list(range(min(3, len(loader.dataset)))), loader.collate_fn)
-        if not isinstance(x, torch.Tensor):
-            return None, f"its inputs are a {type(x).__name__}, and the cache serves tensor inputs only"
+        try:
+            placeholder_key(x)
+        except ValueError as error:
+            return None, str(error)
         try:
             with torch.inference_mode(False), self._trainer.precision_plugin.forward_context():
-                return find_cut(self._module, self._module, x.to(self._module.device))
+                return find_cut(self._module, self._module, inputs_to(x, self._module.device))
         except Exception as error:  # a model find_cut cannot trace: train uncached rather than fail mid-run
             return None, f"tracing the model's forward pass for its frozen prefix failed ({type(error).__name__}: {error})"
 
@@ -253,12 +279,18 @@ class FeatureCache(Callback):
         check_cacheable(loader, split)
         if len(loader.dataset):  # type: ignore[arg-type]
             sample = fetch_samples(loader.dataset, [0], loader.collate_fn)
-            if not (isinstance(sample, (list, tuple)) and len(sample) == 2 and isinstance(sample[0], torch.Tensor)
-                    and isinstance(sample[1], torch.Tensor)):
+            inputs = sample[0] if isinstance(sample, (list, tuple)) and sample else None
+            dict_of_tensors = (isinstance(inputs, dict) and bool(inputs)
+                               and all(isinstance(v, torch.Tensor) and v.ndim >= 1 for v in inputs.values()))
+            if not (isinstance(sample, (list, tuple)) and len(sample) == 2 and isinstance(sample[1], torch.Tensor)
+                    and (isinstance(inputs, torch.Tensor) or dict_of_tensors)):
                 kind = type(sample).__name__ + (f" of {len(sample)} items" if isinstance(sample, (list, tuple, dict)) else "")
+                if isinstance(sample, (list, tuple)) and len(sample) == 2 and isinstance(inputs, dict):
+                    kind += " whose inputs are a dict of " + ", ".join(sorted({type(v).__name__ for v in inputs.values()}))
                 raise ValueError(
                     f"FeatureCache serves (inputs, targets) batches of tensors; the {split} loader's batches are a {kind}. "
-                    "Return (inputs, targets) from the Dataset, or drop FeatureCache for this fit."
+                    "Return (inputs, targets) from the Dataset (inputs a tensor or a dict of batch-first tensors), or "
+                    "drop FeatureCache for this fit."
                 )
             targets = sample[1]
             if targets.ndim != 1 or targets.dtype.is_floating_point or targets.dtype == torch.bool:
@@ -297,28 +329,31 @@ class FeatureCache(Callback):
         if not todo:
             return
         device = pl_module.device
-        shapes = []
+        assert self.cut is not None
+        shapes, extras = [], []
         for split, loader, _ in todo:
             x, _ = fetch_inputs(loader.dataset, [0], loader.collate_fn)
             with torch.no_grad(), trainer.precision_plugin.forward_context():
-                probe = self._compute(pl_module, x.to(device))
-            shapes.append((tuple(probe.shape[1:]), probe.dtype))
-        sizes = [len(loader.dataset) * math.prod(s) * torch.empty((), dtype=d).element_size()
-                 for (_, loader, _), (s, d) in zip(todo, shapes)]
+                probe = self._compute(pl_module, inputs_to(x, device))
+            shapes.append((tuple(probe.shape[1:]), probe.dtype))  # per sample: (k, ...) for k rows a sample
+            extras.append({k: (tuple(v.shape[1:]), v.dtype) for k, v in self.cut.extras(x).items()})
+        extra_bytes = [sum(math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in e.values()) for e in extras]
+        sizes = [len(loader.dataset) * (math.prod(s) * torch.empty((), dtype=d).element_size() + e)
+                 for (_, loader, _), (s, d), e in zip(todo, shapes, extra_bytes)]
         limit = int(self.max_memory_gb * (1 << 30)) if self.max_memory_gb is not None else _default_limit_bytes(device)
         on_disk = sum(sizes) > limit
         if on_disk:
             self._check_disk(trainer, [len(loader.dataset) * math.prod(s) * (2 if d == torch.float16 else 4)
                                        for (_, loader, _), (s, d) in zip(todo, shapes)])
         where = (f"memory-mapped under {self._dir(trainer)}" if on_disk else f"in memory on {device}")
-        parts = ", ".join(f"{split}: {len(loader.dataset):,} x {s} {str(d).replace('torch.', '')} = {_human(b)}"
-                          for (split, loader, _), (s, d), b in zip(todo, shapes, sizes))
-        assert self.cut is not None
+        parts = ", ".join(f"{split}: {len(loader.dataset):,} x {s} {str(d).replace('torch.', '')}"
+                          f"{' + ' + ', '.join(e) if e else ''} = {_human(b)}"
+                          for (split, loader, _), (s, d), e, b in zip(todo, shapes, extras, sizes))
         what = f"inputs of '{self.cut.name}' (the frozen part's output)"
         rank_zero_info(f"FeatureCache, {what}: {parts}; total {_human(sum(sizes))} -> {where} (limit {_human(limit)})")
         start = time.perf_counter()
-        for (split, loader, key), (shape, dtype) in zip(todo, shapes):
-            self.tables[key] = self._build(trainer, pl_module, loader, split, shape, dtype, on_disk)
+        for (split, loader, key), (shape, dtype), extra in zip(todo, shapes, extras):
+            self.tables[key] = self._build(trainer, pl_module, loader, split, shape, dtype, on_disk, extra)
         self.stats["build_seconds"] += time.perf_counter() - start
 
     def _check_disk(self, trainer: L.Trainer, sizes: list[int]) -> None:
@@ -332,7 +367,7 @@ class FeatureCache(Callback):
                 "memory, or drop FeatureCache."
             )
 
-    def _compute(self, pl_module: L.LightningModule, x: torch.Tensor) -> torch.Tensor:
+    def _compute(self, pl_module: L.LightningModule, x: Inputs) -> torch.Tensor:
         assert self.cut is not None
         return self.cut.capture(pl_module, x)
 
@@ -342,7 +377,8 @@ class FeatureCache(Callback):
     @torch.inference_mode(False)  # a rebuild may start inside Lightning's evaluation loop: real tensors
     @torch.no_grad()
     def _build(self, trainer: L.Trainer, pl_module: L.LightningModule, loader: DataLoader, split: str,
-               shape: tuple[int, ...], dtype: torch.dtype, on_disk: bool) -> FeatureTable:
+               shape: tuple[int, ...], dtype: torch.dtype, on_disk: bool,
+               extra_specs: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None) -> FeatureTable:
         dataset, n = loader.dataset, len(loader.dataset)
         world, rank = trainer.world_size, trainer.global_rank
         device = pl_module.device
@@ -359,6 +395,9 @@ class FeatureCache(Callback):
         else:
             features = torch.empty((n, *shape), dtype=dtype, device=device)
         labels = torch.empty(n, dtype=torch.long, device=device)
+        # the inputs' other entries (mask, doy): tiny, in memory on the model's device even for a memmap table
+        extras = {k: torch.empty((n, *s), dtype=d, device=device) for k, (s, d) in (extra_specs or {}).items()}
+        assert self.cut is not None
         mine = list(range(rank, n, world))
         chunks = math.ceil(math.ceil(n / world) / bs)
         for c in range(chunks):
@@ -366,14 +405,19 @@ class FeatureCache(Callback):
             if idx:
                 x, y = fetch_inputs(dataset, idx, loader.collate_fn)
                 with trainer.precision_plugin.forward_context():
-                    f = self._compute(pl_module, x.to(device))
+                    f = self._compute(pl_module, inputs_to(x, device))
                 y = torch.as_tensor(y, device=device).long()
+                e = {k: v.to(device) for k, v in self.cut.extras(x).items()}
             else:
                 f = torch.empty((0, *shape), dtype=dtype, device=device)
                 y = torch.empty(0, dtype=torch.long, device=device)
+                e = {k: torch.empty((0, *v.shape[1:]), dtype=v.dtype, device=device) for k, v in extras.items()}
             i = torch.as_tensor(idx, dtype=torch.long, device=device)
             if world > 1:
                 f, y, i = gather_with_grad(f.contiguous()), gather_with_grad(y), gather_with_grad(i)
+                e = {k: _gather(v) for k, v in e.items()}
+            for k, v in e.items():
+                extras[k][i] = v.to(extras[k].dtype)
             if isinstance(features, torch.Tensor):
                 features[i] = f.to(dtype)
             else:
@@ -383,7 +427,7 @@ class FeatureCache(Callback):
             features.flush()
         self.stats["builds"] += 1
         self._generation += 1
-        return FeatureTable(features, labels, dtype, path, cut=self.cut, generation=self._generation)
+        return FeatureTable(features, labels, dtype, path, cut=self.cut, generation=self._generation, extras=extras)
 
     # ------------------------------------------------------------------ serve
     def _usable(self, training: bool = True) -> bool:
@@ -471,9 +515,11 @@ class FeatureCache(Callback):
             if table is None or table.cut is None or self._module is None:
                 return fetch_samples(loader.dataset, list(index), loader.collate_fn)
             features, targets = table.rows(index)
-            placeholder = table.cut.placeholder_input(len(index), self._module.device)
+            inputs = table.cut.placeholder_input(len(index), self._module.device, table.extra_rows(index))
+            # a dict of inputs is rebuilt on its way to the step (batch transfer): its placeholder tensor is not
+            placeholder = inputs if isinstance(inputs, torch.Tensor) else inputs[table.cut.input_key]
             self._records[id(placeholder)] = _Served(placeholder, features, list(index), table.generation, loader)
-            return [placeholder, targets]
+            return [inputs, targets]
 
         return serve
 
@@ -510,12 +556,18 @@ class FeatureCache(Callback):
         """Before a step: run the model from the cut with this batch's rows (or load its images)."""
         self._end()
         inputs = batch[0] if isinstance(batch, (list, tuple)) and batch else None
-        record = self._records.pop(id(inputs), None) if isinstance(inputs, torch.Tensor) else None
+        if isinstance(inputs, torch.Tensor):
+            record = self._records.pop(id(inputs), None)
+        elif isinstance(inputs, dict) and self._records:  # the placeholder inside dict inputs
+            record = next((self._records.pop(id(v)) for v in inputs.values() if id(v) in self._records), None)
+        else:
+            record = None
         if record is None:
             loader = self._loader_of(trainer, training, dataloader_idx)
             waiting = any(r.loader is loader for r in self._records.values())  # this loader served from the tables
-            if (waiting and isinstance(inputs, torch.Tensor) and inputs.numel() and inputs.is_floating_point()
-                    and bool(torch.isnan(inputs.reshape(-1)[0]))):  # a placeholder, changed on its way to the step
+            main = _main_tensor(inputs) if waiting else None
+            if (main is not None and main.numel() and main.is_floating_point()
+                    and bool(torch.isnan(main.reshape(-1)[0]))):  # a placeholder, changed on its way to the step
                 raise RuntimeError(
                     "FeatureCache served this batch from its tables, but its inputs were replaced before the step "
                     "(a transfer_batch_to_device or on_after_batch_transfer hook?). Leave a cached batch's inputs as "
@@ -530,7 +582,7 @@ class FeatureCache(Callback):
                 raise RuntimeError("FeatureCache: a batch served from the tables became a tuple on its way to the step, "
                                    "so its inputs cannot be re-loaded after the cache went off. Keep batches as lists.")
             x, _ = fetch_inputs(record.loader.dataset, record.index, record.loader.collate_fn)
-            batch[0] = x.to(pl_module.device)
+            batch[0] = inputs_to(x, pl_module.device)
             self.stats["reloaded_batches"] += 1
             if training:
                 self._count(trainer, IMAGES, cache_on=False)
@@ -538,6 +590,8 @@ class FeatureCache(Callback):
         features = record.features
         if current.generation != record.generation:  # fetched before the table was rebuilt (the cut moved): the same rows of the new one
             features, _ = current.rows(record.index)
+            if isinstance(inputs, dict):  # the extras too (the same samples: a rebuild may follow changed data)
+                inputs.update({k: v.to(pl_module.device) for k, v in current.extra_rows(record.index).items()})
             self.stats["moved_batches"] += 1
         elif training:
             self.stats["cached_batches"] += 1
