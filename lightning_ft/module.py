@@ -120,7 +120,13 @@ class FineTuneModule(L.LightningModule):
         band_method: ``"match"`` (shared bands copied, others interpolated by wavelength),
             ``"interpolation"``, ``"averaging"``, ``"random"`` or ``"tile"`` (timm's ``adapt_input_conv``).
         band_noise: noise added to the kernels of bands that are not copied (relative to the kernel's
-            std), so every band stays distinguishable; drawn with a fixed seed.
+            std), so every band stays distinguishable: bands interpolated from the same pretrained
+            kernels (two near-infrared bands beyond red, say) are otherwise identical to a frozen stem.
+            ``None``: 0.5 for ``match``, ``interpolation`` and ``averaging``, 0 for ``random`` and ``tile``.
+            A stem that still has two identical band kernels is warned about.
+        band_seed: seed of the band adaptation's random draws (``band_noise``, ``random``). ``None``
+            draws one from torch's random stream (so ``seed_everything`` decides it) and records it in
+            the hyperparameters, so a checkpoint rebuilds the same stem.
         stem_layer: the dotted name of the first layer of an ``nn.Module`` backbone (timm models name
             their own).
         patch_size: a new patch size for a timm ViT (patch embedding and position embedding resampled,
@@ -159,7 +165,8 @@ class FineTuneModule(L.LightningModule):
         data_bands: BandSpec | None = None,
         pretrained_bands: BandSpec = "rgb",
         band_method: BandMethod = "match",
-        band_noise: float = 0.0,
+        band_noise: float | None = None,
+        band_seed: int | None = None,
         stem_layer: str | None = None,
         patch_size: int | None = None,
     ) -> None:
@@ -210,9 +217,16 @@ class FineTuneModule(L.LightningModule):
         if data_bands is not None:
             from lightning_ft.bands import adapt_input_bands
 
+            if band_noise is None:
+                band_noise = 0.5 if band_method in ("match", "interpolation", "averaging") else 0.0
+            if band_seed is None:
+                band_seed = int(torch.randint(0, 2**31 - 1, ()).item())
+            self.hparams["band_noise"], self.hparams["band_seed"] = band_noise, band_seed
             self.band_report = adapt_input_bands(
-                self.backbone, pretrained_bands, data_bands, band_method, layer=stem_layer, noise=band_noise
+                self.backbone, pretrained_bands, data_bands, band_method, layer=stem_layer, noise=band_noise,
+                seed=band_seed,
             )
+            _warn_identical_bands(self.backbone, stem_layer, self.band_report)
         if patch_size is not None:
             from lightning_ft.bands import set_patch_size
 
@@ -446,10 +460,10 @@ class FineTuneModule(L.LightningModule):
         losses, present = {}, {}
         rows = 0
         for task in self.tasks:
-            y = ys.get(task)
-            if y is None:
-                continue  # no label of this task in the batch
             out = logits[task].float()
+            y = ys.get(task)
+            if y is None:  # no label of this task in the batch: all MISSING, so its head stays in the graph (DDP)
+                y = torch.full(out.shape[:1], MISSING, dtype=torch.long, device=out.device)
             count = labelled(y).sum()
             loss = F.cross_entropy(out, y, ignore_index=MISSING, label_smoothing=smoothing, reduction="sum")
             losses[task] = loss / count.clamp_min(1)
@@ -457,7 +471,7 @@ class FineTuneModule(L.LightningModule):
             rows = len(y)
             self._buffered_update(self.task_metrics[f"{stage}_"][task], out.detach().softmax(-1), y)
             self._update_loss(self.task_losses[f"{stage}_"][task], losses[task], count)
-        if not losses:
+        if not ys:
             raise ValueError(f"A {stage} batch has targets for none of the tasks {sorted(self.tasks)}.")
         total = self.task_weighting(losses, present)
         if stage == "train":
@@ -541,7 +555,11 @@ class FineTuneModule(L.LightningModule):
 
     def _epoch_loss(self, meter: MeanMetric) -> torch.Tensor | None:
         self._flush(meter)
-        if not meter.update_count or not float(meter.weight):  # no batch, or not one labelled sample
+        labelled = bool(meter.update_count) and bool(float(meter.weight))  # not one labelled sample: no loss
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # compute() gathers across ranks: every rank must take the same branch
+            labelled = self.trainer.strategy.reduce_boolean_decision(labelled, all=False)
+        if not labelled:
             meter.reset()
             return None
         value = meter.compute()
@@ -675,7 +693,7 @@ class FineTuneModule(L.LightningModule):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if stage != "fit" or datamodule is None:
             return
-        classes = getattr(datamodule, "classes", None)
+        classes = getattr(datamodule, "classes", None) if not self.tasks else None  # with tasks: per task, not one list
         if classes:
             classes = [str(c) for c in classes]
             if self.class_names is not None and self.class_names != classes:
@@ -750,6 +768,23 @@ def _band_count(data_bands: Any, in_chans: int) -> int:
             "data bands), or name every band of the data."
         )
     return count
+
+
+def _warn_identical_bands(backbone: nn.Module, layer: str | None, report: list[Any]) -> None:
+    """Two data bands with the same stem kernel are one band to a frozen stem: say so."""
+    import warnings
+
+    from lightning_ft.bands import find_input_layer
+
+    weight = find_input_layer(backbone, layer)[1].weight.detach()
+    names = [str(r.target.name) for r in report]
+    same = [(names[i], names[j]) for i in range(len(names)) for j in range(i + 1, len(names))
+            if torch.equal(weight[:, i], weight[:, j])]
+    if same:
+        pairs = ", ".join(f"{a} = {b}" for a, b in same[:4])
+        warnings.warn(
+            f"The adapted stem gives identical kernels to bands {pairs}: a frozen stem cannot tell them apart. "
+            "Set band_noise > 0 (e.g. 0.5) to keep every band distinguishable.", stacklevel=3)
 
 
 def _check_tasks(tasks: Any, weights: Any, weighting: str) -> None:

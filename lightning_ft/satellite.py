@@ -45,6 +45,7 @@ __all__ = [
     "CropTimeSeriesDataModule",
     "StatlogLandsatDataModule",
     "SyntheticCropTimeSeries",
+    "VEGETATED",
     "data_dir",
     "load_statlog_landsat",
 ]
@@ -124,6 +125,30 @@ class _RandomDihedral(Dataset):
         return (x.flip(-1) if flip else x).contiguous(), y
 
 
+VEGETATED = (1, 4)
+"""The Statlog classes with vegetation (cotton crop, vegetation stubble): the ``vegetated`` task."""
+
+
+class _TwoTasks(Dataset):
+    """``(x, {"landcover": y, "vegetated": 0/1 or MISSING})``; ``missing`` of the vegetated labels removed (seeded)."""
+
+    def __init__(self, base: TensorDataset, missing: float, seed: int) -> None:
+        from lightning_ft.batch import MISSING
+
+        self.base = base
+        y = base.tensors[1]
+        vegetated = torch.isin(y, torch.tensor(VEGETATED)).long()
+        drop = torch.from_numpy(np.random.default_rng(seed + 2).random(len(y)) < missing)
+        self.vegetated = torch.where(drop, torch.full_like(vegetated, MISSING), vegetated)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, y = self.base[index]
+        return x, {"landcover": y, "vegetated": self.vegetated[index]}
+
+
 def _loader(datamodule: Any, split: str, shuffle: bool) -> DataLoader:
     """A loader of one split of ``datamodule._sets``, with its batch size and workers."""
     name = type(datamodule).__name__
@@ -166,6 +191,12 @@ class StatlogLandsatDataModule(L.LightningDataModule):
         std: per-band normalisation std, likewise.
         augment: random flips and right-angle rotations of the training patches, drawn per sample and
             epoch (land cover has no orientation). Validation and test are never augmented.
+        shots: few shots: keep ``shots`` training samples per class (a seeded draw), the support set;
+            validation and test stay whole.
+        two_tasks: several tasks: targets become ``{"landcover": class, "vegetated": 0 or 1}`` (vegetated:
+            cotton crop and vegetation stubble), for ``FineTuneModule(tasks={"landcover": 6, "vegetated": 2})``.
+        missing: with ``two_tasks``, the fraction of training samples whose ``vegetated`` label is removed
+            (set to ``MISSING``; a seeded draw).
     """
 
     bands: tuple[str, ...] = ("green", "red", "nir1", "nir2")
@@ -185,10 +216,19 @@ class StatlogLandsatDataModule(L.LightningDataModule):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         augment: bool = False,
+        shots: int | None = None,
+        two_tasks: bool = False,
+        missing: float = 0.0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if shots is not None and shots < 1:
+            raise ValueError(f"shots is the number of training samples per class (>= 1), got {shots}.")
+        if not 0.0 <= missing < 1.0:
+            raise ValueError(f"missing is a fraction of the training labels in [0, 1), got {missing}.")
+        if missing and not two_tasks:
+            raise ValueError("missing= removes labels of the second task: set two_tasks=True as well.")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self._sets: dict[str, Dataset] = {}
@@ -201,7 +241,8 @@ class StatlogLandsatDataModule(L.LightningDataModule):
             raise ValueError(f"std values must be > 0, got {list(std)}.")
         self.save_hyperparameters()
         self.cfg = SimpleNamespace(image_size=image_size, val_fraction=val_fraction, test_fraction=test_fraction,
-                                   seed=seed, limit=limit, mean=mean, std=std, augment=augment)
+                                   seed=seed, limit=limit, mean=mean, std=std, augment=augment, shots=shots,
+                                   two_tasks=two_tasks, missing=missing)
         self.split_indices: dict[str, np.ndarray] = {}
         self._data: tuple[np.ndarray, np.ndarray, list[str]] | None = None
         self._stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
@@ -224,6 +265,14 @@ class StatlogLandsatDataModule(L.LightningDataModule):
             if hp.limit is not None:
                 rng = np.random.default_rng(hp.seed)
                 train, val, test = (np.sort(rng.permutation(idx)[: hp.limit]) for idx in (train, val, test))
+            if hp.shots is not None:
+                rng = np.random.default_rng(hp.seed + 1)
+                present = np.unique(labels[train])
+                per_class = [rng.permutation(train[labels[train] == c])[: hp.shots] for c in present]
+                short = [int(c) for c, idx in zip(present, per_class) if len(idx) < hp.shots]
+                if short:
+                    raise ValueError(f"shots={hp.shots}: the training split has fewer samples of classes {short}.")
+                train = np.sort(np.concatenate(per_class))
             self.split_indices = {"train": train, "val": val, "test": test}
         return self.split_indices
 
@@ -266,6 +315,9 @@ class StatlogLandsatDataModule(L.LightningDataModule):
         images, labels, _ = self._arrays()
         self._sets = {name: TensorDataset(self.preprocess(images[idx]), torch.as_tensor(labels[idx], dtype=torch.long))
                       for name, idx in self._splits().items()}
+        if self.cfg.two_tasks:
+            self._sets = {name: _TwoTasks(data, self.cfg.missing if name == "train" else 0.0, self.cfg.seed)
+                          for name, data in self._sets.items()}
         if self.cfg.augment:
             self._sets["train"] = _RandomDihedral(self._sets["train"])
 
@@ -480,6 +532,7 @@ class CropTimeSeriesDataModule(L.LightningDataModule):
         test_fraction: stratified test split size.
         seed: seed of the generator and of the splits.
         num_workers: DataLoader workers.
+        limit: keep a random (seeded) ``limit`` samples of each split (quick runs).
     """
 
     bands: tuple[str, ...] = SyntheticCropTimeSeries.bands
@@ -497,6 +550,7 @@ class CropTimeSeriesDataModule(L.LightningDataModule):
         test_fraction: float = 0.25,
         seed: int = 0,
         num_workers: int = 0,
+        limit: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -510,7 +564,7 @@ class CropTimeSeriesDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.num_samples = num_samples
         self.num_classes = num_classes
-        self.cfg = SimpleNamespace(val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+        self.cfg = SimpleNamespace(val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, limit=limit)
         self.split_indices: dict[str, np.ndarray] = {}
         self.mean: tuple[float, ...] | None = None
         self.std: tuple[float, ...] | None = None
@@ -537,6 +591,9 @@ class CropTimeSeriesDataModule(L.LightningDataModule):
         data = self.generator.generate(self.num_samples)
         hp = self.cfg
         train, val, test = stratified_split(data["labels"], hp.val_fraction, hp.test_fraction, hp.seed)
+        if hp.limit is not None:
+            rng = np.random.default_rng(hp.seed)
+            train, val, test = (np.sort(rng.permutation(idx)[: hp.limit]) for idx in (train, val, test))
         self.split_indices = {"train": train, "val": val, "test": test}
         images, mask = data["images"], data["mask"]
         clear = images[train][mask[train]]  # (dates, C, H, W): clear training dates only

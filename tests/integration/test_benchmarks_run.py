@@ -279,6 +279,32 @@ def check_image_folder(out: str) -> None:
             _positive(_number(row["ours / baseline"]), f"ratio {row}")
 
 
+def _accuracy_table(out: str, first: str, arms: list[str]) -> None:
+    """A table of accuracies in percent (mean ± std, or ± 95% interval), one row per arm, in order."""
+    (rows,) = _table(out, first)
+    assert [r[first] for r in rows] == arms, rows
+    for row in rows:
+        cells = [(key, cell) for key, cell in row.items() if key != first and "±" in cell]
+        assert cells, f"no accuracy in row {row}"
+        for key, cell in cells:
+            mean, spread = (_number(part) for part in cell.split("±"))
+            _percent(mean, f"{row[first]} {key}")
+            assert 0.0 <= spread <= 100.0, row
+
+
+def check_bands(out: str) -> None:
+    _accuracy_table(out, "arm", ["raw pixels: logistic regression", "raw pixels: kNN (k=5)", "raw pixels: random forest",
+                                 "match+noise: probe", "match+noise: fine-tune", "match+noise: staged"])
+
+
+def check_time_series(out: str) -> None:
+    _accuracy_table(out, "pooling", ["attention", "last"])
+
+
+def check_few_shot(out: str) -> None:
+    _accuracy_table(out, "shots", ["1", "5", "10"])
+
+
 # case -> (script, quick-mode arguments, strings its output must hold, check of the numbers it prints)
 BENCHMARKS: dict[str, tuple[str, list[str], list[str], Callable[[str], None]]] = {
     "unfreezing": ("unfreezing.py", ["--quick"],
@@ -302,6 +328,9 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], Callable[[str], None]]] =
                                                       "final weights"], check_prefix_cache),
     "memory": ("memory.py", ["--quick"], ["1 process", "DDP, 2 CPU ranks", "| 0 |"], check_memory),
     "image_folder": ("image_folder.py", ["--quick"], ["| eval, ours |", "| train, ours |"], check_image_folder),
+    "bands": ("bands.py", ["--quick"], ["Statlog Landsat: "], check_bands),
+    "time_series": ("time_series.py", ["--quick"], ["crop time series"], check_time_series),
+    "few_shot": ("few_shot.py", ["--quick"], ["6-way"], check_few_shot),
 }
 
 

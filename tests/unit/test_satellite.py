@@ -246,6 +246,42 @@ def test_statlog_rejects_bad_arguments() -> None:
         StatlogLandsatDataModule(mean=(0.5, 0.5, 0.5))
 
 
+def test_statlog_shots_keep_k_per_class_and_tasks_mark_missing_labels(statlog) -> None:
+    from lightning_ft.batch import MISSING
+
+    few = StatlogLandsatDataModule(shots=5, image_size=3)
+    few.setup("fit")
+    _, labels, _ = statlog
+    train = few.split_indices["train"]
+    assert np.bincount(labels[train]).tolist() == [5] * 6
+    full = StatlogLandsatDataModule(image_size=3)
+    assert np.array_equal(few._splits()["test"], full._splits()["test"])  # the test split stays whole
+    assert set(train) <= set(full._splits()["train"])
+
+    two = StatlogLandsatDataModule(image_size=3, two_tasks=True, missing=0.5)
+    two.setup("fit")
+    x, y = next(iter(two.train_dataloader()))
+    assert set(y) == {"landcover", "vegetated"}
+    vegetated = two._sets["train"].vegetated
+    gone = (vegetated == MISSING).float().mean().item()
+    assert 0.45 < gone < 0.55
+    labelled = vegetated != MISSING
+    cover = two._sets["train"].base.tensors[1]
+    assert torch.equal(vegetated[labelled], torch.isin(cover[labelled], torch.tensor([1, 4])).long())
+    val = two._sets["val"].vegetated
+    assert not bool((val == MISSING).any())  # validation and test keep every label
+    with pytest.raises(ValueError, match="two_tasks=True"):
+        StatlogLandsatDataModule(missing=0.5)
+    with pytest.raises(ValueError, match="shots"):
+        StatlogLandsatDataModule(shots=0)
+
+
+def test_crop_datamodule_limit() -> None:
+    dm = CropTimeSeriesDataModule(num_samples=200, limit=10)
+    dm.setup("fit")
+    assert [len(dm._sets[s]) for s in ("train", "val", "test")] == [10, 10, 10]
+
+
 # ------------------------------------------------------------------ synthetic crop time series
 def test_generator_is_deterministic() -> None:
     a, b = SyntheticCropTimeSeries(seed=3).generate(300), SyntheticCropTimeSeries(seed=3).generate(300)
