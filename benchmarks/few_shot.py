@@ -2,7 +2,8 @@
 
 Statlog Landsat (6 land-cover classes, 4 Landsat MSS bands) through ImageNet-pretrained
 EfficientNet-Lite0, frozen, its stem adapted with ``band_method="match", band_noise=0.5``; pooled
-features of every patch computed once. Then 6-way episodes with 1, 5 and 10 labelled patches per
+features of the 1,931 test-split patches computed once (normalised with the training split's per-band
+statistics: nothing of the evaluated patches is seen before an episode). Then 6-way episodes with 1, 5 and 10 labelled patches per
 class (the support set) and 15 queries per class:
 
     prototype     nearest class mean in cosine (what SupportPrototypes starts a prototype head from)
@@ -11,7 +12,7 @@ class (the support set) and 15 queries per class:
 The same episodes (same seed) serve both. Accuracy is the mean over episodes with its 95% interval.
 
     python benchmarks/few_shot.py            # 600 episodes per cell (about 1 min on 2 cores)
-    python benchmarks/few_shot.py --quick    # 20 episodes, 300 patches: checks that it runs
+    python benchmarks/few_shot.py --quick    # 20 episodes, 400 patches: checks that it runs
 """
 
 from __future__ import annotations
@@ -34,15 +35,15 @@ def features(quick: bool):
     from lightning_ft import FineTuneModule
     from lightning_ft.satellite import StatlogLandsatDataModule
 
-    data = StatlogLandsatDataModule(image_size=32, batch_size=256, val_fraction=0.0, test_fraction=0.0,
-                                    limit=300 if quick else None)
+    # the patches are normalised with the training split's statistics; episodes are drawn from the test split
+    data = StatlogLandsatDataModule(image_size=32, batch_size=256, limit=400 if quick else None)
     data.setup("fit")
     torch.manual_seed(0)
     model = FineTuneModule("tf_efficientnet_lite0", pretrained="efficientnet_lite0", num_classes=6,
                            data_bands="landsat_mss", band_noise=0.5, img_size=32, channels_last=True).eval()
     xs, ys = [], []
     with torch.no_grad():
-        for x, y in data.train_dataloader():
+        for x, y in data.test_dataloader():
             xs.append(model.forward_features(x)[0])
             ys.append(y)
     return torch.cat(xs), torch.cat(ys)
@@ -50,7 +51,7 @@ def features(quick: bool):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="20 episodes on 300 patches")
+    parser.add_argument("--quick", action="store_true", help="20 episodes on 400 patches")
     parser.add_argument("--episodes", type=int, default=600)
     args = parser.parse_args()
     from lightning_ft.fewshot import evaluate_few_shot

@@ -197,7 +197,12 @@ class ImageTransform:
     def __init__(self, data_config: dict[str, Any], training: bool = False) -> None:
         missing = [k for k in ("input_size", "mean", "std") if k not in data_config]
         if missing:
-            raise ValueError(f"The data config lacks {', '.join(missing)}; it has {', '.join(sorted(data_config))}.")
+            hint = ""
+            if {"mean", "std"} & set(missing):
+                hint = (" Bands other than red, green and blue have no ImageNet statistics: give mean= and std= per band "
+                        "(lightning_ft.bands.band_statistics computes them over a loader of the data read with mean 0 "
+                        "and std 1, e.g. ImageFolderDataModule(root, mean=[0.0] * C, std=[1.0] * C)).")
+            raise ValueError(f"The data config lacks {', '.join(missing)}; it has {', '.join(sorted(data_config))}.{hint}")
         self.channels, height, width = (int(v) for v in data_config["input_size"])
         self.size = (height, width)
         self.mean = torch.tensor([float(v) for v in data_config["mean"]]).view(-1, 1, 1)

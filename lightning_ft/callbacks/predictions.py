@@ -91,6 +91,12 @@ class PredictionWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
                            batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
                            dataloader_idx: int = 0) -> None:
+        if isinstance(prediction, dict):
+            raise ValueError(
+                f"PredictionWriter writes one classification per sample, but predict_step returned one per task "
+                f"({', '.join(sorted(map(str, prediction)))}): a model with several tasks. Use trainer.predict(model, "
+                "loader), which returns a dict of probabilities per task, or predict one task at a time."
+            )
         if not isinstance(prediction, torch.Tensor) or prediction.ndim != 2:
             raise ValueError(
                 "PredictionWriter needs predict_step to return a (batch, classes) tensor of probabilities or logits; "
