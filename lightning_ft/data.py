@@ -449,10 +449,10 @@ class ImageFolderDataModule(L.LightningDataModule):
                                                  ("std", hp.std, "std")) if value is None and key not in model_cfg]
         if missing:
             raise ValueError(
-                f"ImageFolderDataModule needs {', '.join(missing)}: the model's data_config has none to give "
-                "(FineTuneModule has one once the datamodule is given to a Trainer with the model; for bands other "
-                "than red, green and blue it has no statistics: compute them with lightning_ft.bands.band_statistics("
-                "ImageFolderDataModule(root, mean=[0.0] * C, std=[1.0] * C, image_size=...)) and pass them here). "
+                f"ImageFolderDataModule needs {', '.join(missing)}: the model has no data_config to take them from "
+                "(FineTuneModule has one; the datamodule reads it once it is given to a Trainer with the model), or "
+                "none for these bands (statistics other than red/green/blue: compute them with lightning_ft.bands."
+                "band_statistics(ImageFolderDataModule(root, mean=[0.0] * C, std=[1.0] * C, image_size=...))). "
                 f"Set {', '.join(f'{m}=' for m in missing)} here, or use it through trainer.fit(model, datamodule=...)."
             )
         channels = hp.channels or (model_cfg["input_size"][0] if "input_size" in model_cfg else len(hp.mean))

@@ -11,7 +11,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one of several test processes on the cores: one thread each, in the subprocesses it starts too
+    # (OpenMP pools competing for 2 cores spin-wait: convolutions get ~20x slower)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def random_loader(n: int = 32, classes: int = 3, size: int = 32, chans: int = 3, batch: int = 8, seed: int = 0,

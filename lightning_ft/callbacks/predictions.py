@@ -91,7 +91,7 @@ class PredictionWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
                            batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
                            dataloader_idx: int = 0) -> None:
-        if isinstance(prediction, dict):
+        if isinstance(prediction, dict) and getattr(pl_module, "tasks", None):
             raise ValueError(
                 f"PredictionWriter writes one classification per sample, but predict_step returned one per task "
                 f"({', '.join(sorted(map(str, prediction)))}): a model with several tasks. Use trainer.predict(model, "

@@ -120,3 +120,12 @@ def test_tasks_errors_name_the_fix():
         FineTuneModule(backbone="test_resnet", tasks=TASKS, task_weighting="uncertainty", task_weights={"crop": 1.0})
     with pytest.raises(ValueError, match="apply to several tasks"):
         FineTuneModule(backbone="test_resnet", task_weighting="uncertainty")
+
+
+def test_prediction_files_refuse_a_model_with_tasks_by_name(tmp_path):
+    from lightning_ft.callbacks import PredictionWriter
+
+    model = FineTuneModule(backbone="test_resnet", tasks=TASKS)
+    t = trainer(callbacks=[PredictionWriter(tmp_path / "p.csv")])
+    with pytest.raises(ValueError, match="one per task .*crop, landcover.*trainer.predict"):
+        t.predict(model, DataLoader([d[0] for d in TwoTaskData(n=4)], batch_size=4))
