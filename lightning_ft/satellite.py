@@ -160,12 +160,28 @@ def _loader(datamodule: Any, split: str, shuffle: bool) -> DataLoader:
     return DataLoader(dataset, batch_size=datamodule.batch_size, shuffle=shuffle, num_workers=datamodule.num_workers)
 
 
+class _SplitLoaders:
+    """The loaders of ``self._sets``: train shuffled, val and test in order, predict on test."""
+
+    def train_dataloader(self) -> DataLoader:
+        return _loader(self, "train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return _loader(self, "val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return _loader(self, "test", False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return _loader(self, "test", False)
+
+
 def _check_split_name(split: str) -> None:
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}.")
 
 
-class StatlogLandsatDataModule(L.LightningDataModule):
+class StatlogLandsatDataModule(_SplitLoaders, L.LightningDataModule):
     """The Statlog Landsat patches as images for a CNN/ViT: ``(x, y)`` batches, ``x`` float32
     ``(B, 4, image_size, image_size)``, ``y`` int64.
 
@@ -339,18 +355,6 @@ class StatlogLandsatDataModule(L.LightningDataModule):
         features = images[idx].transpose(0, 2, 3, 1).reshape(len(idx), -1).astype(np.float32)
         return features, labels[idx].copy()
 
-    def train_dataloader(self) -> DataLoader:
-        return _loader(self, "train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return _loader(self, "val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return _loader(self, "test", False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return _loader(self, "test", False)
-
 
 # ====================================================================== crop time series
 _DAYS_IN_YEAR = 365
@@ -510,7 +514,7 @@ class _SeriesDataset(Dataset):
         return {"images": self.images[index], "mask": self.mask[index], "doy": self.doy[index]}, self.labels[index]
 
 
-class CropTimeSeriesDataModule(L.LightningDataModule):
+class CropTimeSeriesDataModule(_SplitLoaders, L.LightningDataModule):
     """Synthetic crop time series (:class:`SyntheticCropTimeSeries`) as batches ``(inputs, y)`` for
     ``FineTuneModule(head="temporal")``.
 
@@ -607,15 +611,3 @@ class CropTimeSeriesDataModule(L.LightningDataModule):
                    torch.from_numpy(data["labels"]))
         self._sets = {name: _SeriesDataset(*(v[torch.from_numpy(idx)] for v in tensors))
                       for name, idx in self.split_indices.items()}
-
-    def train_dataloader(self) -> DataLoader:
-        return _loader(self, "train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return _loader(self, "val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return _loader(self, "test", False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return _loader(self, "test", False)
