@@ -226,7 +226,7 @@ class FineTuneModule(L.LightningModule):
                 self.backbone, pretrained_bands, data_bands, band_method, layer=stem_layer, noise=band_noise,
                 seed=band_seed,
             )
-            _warn_identical_bands(self.backbone, stem_layer, self.band_report)
+            _warn_identical_bands(self.backbone, stem_layer, self.band_report, band_method)
         if patch_size is not None:
             from lightning_ft.bands import set_patch_size
 
@@ -770,7 +770,7 @@ def _band_count(data_bands: Any, in_chans: int) -> int:
     return count
 
 
-def _warn_identical_bands(backbone: nn.Module, layer: str | None, report: list[Any]) -> None:
+def _warn_identical_bands(backbone: nn.Module, layer: str | None, report: list[Any], method: str) -> None:
     """Two data bands with the same stem kernel are one band to a frozen stem: say so."""
     import warnings
 
@@ -782,9 +782,11 @@ def _warn_identical_bands(backbone: nn.Module, layer: str | None, report: list[A
             if torch.equal(weight[:, i], weight[:, j])]
     if same:
         pairs = ", ".join(f"{a} = {b}" for a, b in same[:4])
+        fix = ("band_method='tile' repeats the pretrained kernels; use band_method='match' (band noise on by default) "
+               "or 'random'" if method == "tile" else "Set band_noise > 0 (e.g. 0.5)")
         warnings.warn(
             f"The adapted stem gives identical kernels to bands {pairs}: a frozen stem cannot tell them apart. "
-            "Set band_noise > 0 (e.g. 0.5) to keep every band distinguishable.", stacklevel=3)
+            f"{fix} to keep every band distinguishable.", stacklevel=3)
 
 
 def _check_tasks(tasks: Any, weights: Any, weighting: str) -> None:

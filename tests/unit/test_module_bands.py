@@ -68,3 +68,18 @@ def test_vit_patch_size_changes_the_token_grid():
     model = FineTuneModule("test_vit", num_classes=3, img_size=32, patch_size=8)
     assert model.backbone.patch_embed.grid_size == (4, 4)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_identical_band_kernels_are_warned_about_and_the_default_noise_avoids_them():
+    with pytest.warns(UserWarning, match="identical kernels to bands red = nir1.*band_noise > 0"):
+        FineTuneModule("test_resnet", num_classes=2, data_bands="landsat_mss", band_noise=0.0)
+    with pytest.warns(UserWarning, match="band_method='tile' repeats"):
+        FineTuneModule("test_resnet", num_classes=2, data_bands="landsat_mss", band_method="tile")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = FineTuneModule("test_resnet", num_classes=2, data_bands="landsat_mss")  # match + noise 0.5
+    assert model.hparams.band_noise == 0.5
+    w = model.backbone.conv1[0].weight.detach().flatten(2).transpose(0, 1).flatten(1)  # (bands, O*k*k)
+    assert torch.linalg.matrix_rank(w) == 4  # every band its own direction
