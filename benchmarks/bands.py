@@ -14,6 +14,8 @@ fixed). The 3x3 patches are upsampled to 32x32 px.
 
     python benchmarks/bands.py              # 3 seeds, every method (about 45 min on 2 cores)
     python benchmarks/bands.py --quick      # 1 seed, 1 method, a few steps: checks that it runs
+    python benchmarks/bands.py --methods random,match+noise --arms fine-tune --epochs 15 --augment
+                                            # a longer recipe (random flips and right-angle rotations)
 
 Prints one row per arm: mean ± std over seeds of the test accuracy, and every seed's value. If an arm
 fails, the others go on, a FAILED line names it and the exit status is 1.
@@ -128,7 +130,14 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1 seed, 1 method, a few steps")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of: " + ", ".join(METHODS))
+    parser.add_argument("--arms", default="probe,fine-tune,staged", help="comma-separated, of: probe, fine-tune, staged")
+    parser.add_argument("--augment", action="store_true", help="random flips and right-angle rotations in training")
     args = parser.parse_args()
+    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    unknown += [a for a in args.arms.split(",") if a not in ("probe", "fine-tune", "staged")]
+    if unknown:
+        parser.error(f"unknown methods or arms: {unknown}")
     import torch
 
     from lightning_ft.satellite import StatlogLandsatDataModule
@@ -136,12 +145,13 @@ def main() -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     seeds = [0] if args.quick else list(range(args.seeds))
     epochs = 3 if args.quick else args.epochs
-    methods = QUICK_METHODS if args.quick else tuple(METHODS)
-    data = StatlogLandsatDataModule(batch_size=128, image_size=32, seed=0)
+    methods = QUICK_METHODS if args.quick else tuple(args.methods.split(","))
+    arms = args.arms.split(",")
+    data = StatlogLandsatDataModule(batch_size=128, image_size=32, seed=0, augment=args.augment)
     data.setup("fit")
     n = {s: len(data._splits()[s]) for s in ("train", "val", "test")}
     print(f"Statlog Landsat: {n['train']} train / {n['val']} val / {n['test']} test; seeds {seeds}; "
-          f"fine-tuning {epochs} epochs at 32 px, batch 128")
+          f"fine-tuning {epochs} epochs at 32 px, batch 128{', augmented' if args.augment else ''}")
     results: dict[str, list[float]] = {}
     failed = []
     start = time.perf_counter()
@@ -152,6 +162,8 @@ def main() -> int:
             for arm, fn in (("probe", lambda: probe(method, seed, data, args.quick)),
                             ("fine-tune", lambda: fine_tune(method, seed, data, epochs, False, args.quick)),
                             ("staged", lambda: fine_tune(method, seed, data, epochs, True, args.quick))):
+                if arm not in arms:
+                    continue
                 label = f"{method}: {arm}"
                 try:
                     t = time.perf_counter()

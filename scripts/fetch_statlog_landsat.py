@@ -143,6 +143,13 @@ def download_rda(workdir: Path) -> Path:
     print("fetch_statlog_landsat: apt-get download r-cran-mlbench", flush=True)
     result = subprocess.run(["apt-get", "download", "r-cran-mlbench"], cwd=workdir, capture_output=True, text=True)
     debs = sorted(workdir.glob("r-cran-mlbench_*.deb"))
+    if (result.returncode != 0 or not debs) and hasattr(os, "geteuid") and os.geteuid() == 0:
+        # a fresh machine may have empty package lists: as root, refresh them once and try again
+        print("fetch_statlog_landsat: apt-get update (package lists), then download again", flush=True)
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
+        result = subprocess.run(["apt-get", "download", "r-cran-mlbench"], cwd=workdir, capture_output=True,
+                                text=True)
+        debs = sorted(workdir.glob("r-cran-mlbench_*.deb"))
     if result.returncode != 0 or not debs:
         detail = (result.stderr or result.stdout).strip().splitlines()
         raise FetchError(
