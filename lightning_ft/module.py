@@ -227,6 +227,10 @@ class FineTuneModule(L.LightningModule):
                 seed=band_seed,
             )
             _warn_identical_bands(self.backbone, stem_layer, self.band_report, band_method)
+            from lightning.pytorch.utilities import rank_zero_info
+
+            rank_zero_info(f"FineTuneModule: the stem takes {len(self.band_report)} bands ({band_method}, band_noise="
+                           f"{band_noise}):\n  " + "\n  ".join(map(str, self.band_report)))
         if patch_size is not None:
             from lightning_ft.bands import set_patch_size
 

@@ -45,6 +45,17 @@ def test_successful_fit_exits_zero_and_prints_the_test_accuracy(tmp_path: Path) 
     assert list((tmp_path / "run").rglob("*.ckpt")), "no checkpoint written under the run root"
 
 
+def test_landsat_bands_config_says_where_each_band_came_from(tmp_path: Path) -> None:
+    """Multispectral data through the installed command: the band report is printed, the fit tests."""
+    result = lightning_ft("fit", "--config", str(REPO / "configs" / "landsat_bands.yaml"), *tiny(tmp_path / "run"),
+                          cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"exit status {result.returncode}:\n{output[-3000:]}"
+    assert "the stem takes 4 bands (match, band_noise=0.5)" in output, output[-3000:]
+    assert "green (550 nm) <- copied green (560 nm)" in output and "nir2 (950 nm) <- interpolated" in output
+    assert "test accuracy: " in result.stdout
+
+
 def test_unknown_config_key_exits_nonzero_with_the_key_named(tmp_path: Path) -> None:
     result = lightning_ft("fit", "--config", str(REPO / "configs" / "demo.yaml"), "--model.lerning_rate=0.1",
                           cwd=tmp_path, timeout=120)
