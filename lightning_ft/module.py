@@ -479,10 +479,7 @@ class FineTuneModule(L.LightningModule):
             raise ValueError(f"A {stage} batch has targets for none of the tasks {sorted(self.tasks)}.")
         total = self.task_weighting(losses, present)
         if stage == "train":
-            connector = getattr(self._trainer, "_logger_connector", None) if self._trainer is not None else None
-            if connector is None or getattr(connector, "should_update_logs", True):
-                self.log("train/loss_step", total.detach(), on_step=True, on_epoch=False, prog_bar=True,
-                         batch_size=rows)
+            self._log_step_loss(total, rows)
         return total
 
     def _log_task_epoch(self, stage: Literal["train", "val", "test"]) -> None:
@@ -534,6 +531,9 @@ class FineTuneModule(L.LightningModule):
         step on cached features -- so the step value is logged only on the steps the loggers record.
         """
         self._update_loss(self.train_loss, loss, weight)
+        self._log_step_loss(loss, batch_size)
+
+    def _log_step_loss(self, loss: torch.Tensor, batch_size: int) -> None:
         connector = getattr(self._trainer, "_logger_connector", None) if self._trainer is not None else None
         if connector is None or getattr(connector, "should_update_logs", True):
             self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True,
