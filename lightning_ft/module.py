@@ -131,6 +131,13 @@ class FineTuneModule(L.LightningModule):
             their own).
         patch_size: a new patch size for a timm ViT (patch embedding and position embedding resampled,
             FlexiViT-style).
+        mixup_alpha: Mixup's Beta(alpha, alpha) (0 = off), through timm's ``Mixup`` with ``label_smoothing``;
+            training then uses soft-target cross-entropy (validation and test are never mixed).
+        cutmix_alpha: CutMix's Beta(alpha, alpha) (0 = off); with both on, each batch uses one or the other.
+        mix_prob: probability that a training batch is mixed at all.
+        mix_switch_prob: with both on, the probability of CutMix rather than Mixup.
+        mix_mode: timm's ``mode``: one draw per ``"batch"``, per ``"pair"`` or per element (``"elem"``).
+            Mixing draws from numpy's random stream (``seed_everything`` seeds it).
     """
 
     METRIC_BUFFER = 16  # training/validation batches buffered per torchmetrics update
@@ -169,6 +176,11 @@ class FineTuneModule(L.LightningModule):
         band_seed: int | None = None,
         stem_layer: str | None = None,
         patch_size: int | None = None,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mix_prob: float = 1.0,
+        mix_switch_prob: float = 0.5,
+        mix_mode: Literal["batch", "pair", "elem"] = "batch",
     ) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 2:
@@ -182,6 +194,7 @@ class FineTuneModule(L.LightningModule):
         if not 0.0 <= warmup < 1.0:
             raise ValueError(f"warmup is a fraction of the training steps in [0, 1), got {warmup}.")
         check_layer_decay(layer_decay)
+        _check_mixing(mixup_alpha, cutmix_alpha, mix_prob, mix_switch_prob, mix_mode, tasks)
         _check_class_names(class_names, num_classes)
         _check_input_config(input_config)
         # module-valued arguments cannot live in a checkpoint's hparams; checkpoints of string
@@ -270,6 +283,14 @@ class FineTuneModule(L.LightningModule):
                 f"{stage}_": nn.ModuleDict({t: MeanMetric(nan_strategy=float("nan")) for t in self.tasks})
                 for stage in ("train", "val", "test")
             })
+        self.mixup_fn = None
+        if mixup_alpha > 0 or cutmix_alpha > 0:
+            from timm.data import Mixup
+
+            self.mixup_fn = Mixup(
+                mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=mix_prob, switch_prob=mix_switch_prob,
+                mode=mix_mode, label_smoothing=label_smoothing, num_classes=num_classes,
+            )
         self._target_probs: list[torch.Tensor] = []
         self._pending: dict[int, list[tuple[torch.Tensor, ...]]] = {}  # batches waiting for a metric update
 
@@ -454,7 +475,41 @@ class FineTuneModule(L.LightningModule):
         y = self._targets(targets)
         if self.tasks:
             return self._score_tasks(self(inputs), y, stage)
+        if stage == "train" and self.mixup_fn is not None:
+            return self._mixed_step(inputs, y)
         return self._score(self(inputs), y, stage)
+
+    @property
+    def mixes_inputs(self) -> bool:
+        """Whether training batches are mixed (Mixup/CutMix): cached features cannot serve them."""
+        return self.mixup_fn is not None
+
+    def _mixed_step(self, inputs: Any, y: torch.Tensor) -> torch.Tensor:
+        """Mixup/CutMix (timm's ``Mixup``, label smoothing included) on a training batch, soft-target
+        cross-entropy; train metrics count the dominant class of each mixed target. An odd batch mixes its
+        first ``B - 1`` images (timm pairs images with the reversed batch) and keeps the last as it is."""
+        if not isinstance(inputs, torch.Tensor) or inputs.ndim != 4:
+            raise ValueError(
+                "Mixup/CutMix mix image batches (B, C, H, W); these inputs are "
+                f"{type(inputs).__name__ if not isinstance(inputs, torch.Tensor) else tuple(inputs.shape)}. "
+                "Set mixup_alpha=0 and cutmix_alpha=0 for this data."
+            )
+        if not bool(labelled(y).all()):
+            raise ValueError("Mixup/CutMix need a label for every training sample; this batch has MISSING labels. "
+                             "Set mixup_alpha=0 and cutmix_alpha=0, or drop the unlabelled samples from training.")
+        x = inputs.clone()  # timm mixes in place: the loader's tensors stay as they were
+        n = len(y) - len(y) % 2
+        smoothing = self.hparams.label_smoothing
+        soft = torch.full((len(y), self.num_classes), smoothing / self.num_classes, device=x.device)
+        soft.scatter_(1, y[:, None], 1.0 - smoothing + smoothing / self.num_classes)
+        if n >= 2:
+            mixed, soft[:n] = self.mixup_fn(x[:n], y[:n])
+            x[:n] = mixed
+        logits = self(x).float()
+        loss = torch.sum(-soft * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        self._buffered_update(self.train_metrics, logits.detach().softmax(-1), soft.argmax(-1))
+        self._log_train_loss(loss, len(y), len(y))
+        return loss
 
     def _score_tasks(self, logits: dict[str, torch.Tensor], ys: dict[str, torch.Tensor],
                      stage: Literal["train", "val", "test"]) -> torch.Tensor:
@@ -804,6 +859,19 @@ def _check_tasks(tasks: Any, weights: Any, weighting: str) -> None:
 
 def _short(names: list[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def _check_mixing(mixup_alpha: float, cutmix_alpha: float, prob: float, switch_prob: float, mode: str,
+                  tasks: Any) -> None:
+    if mixup_alpha < 0 or cutmix_alpha < 0:
+        raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0 (0 = off), got {mixup_alpha} and {cutmix_alpha}.")
+    if not (0.0 <= prob <= 1.0 and 0.0 <= switch_prob <= 1.0):
+        raise ValueError(f"mix_prob and mix_switch_prob are probabilities in [0, 1], got {prob} and {switch_prob}.")
+    if mode not in ("batch", "pair", "elem"):
+        raise ValueError(f"mix_mode must be 'batch', 'pair' or 'elem' (timm's Mixup modes), got {mode!r}.")
+    if (mixup_alpha > 0 or cutmix_alpha > 0) and tasks is not None:
+        raise ValueError("Mixup/CutMix mix one set of class targets; this model has tasks= (several heads). "
+                         "Set mixup_alpha=0 and cutmix_alpha=0.")
 
 
 def _check_class_names(names: Any, num_classes: int, source: str = "class_names") -> None:

@@ -158,6 +158,12 @@ class FeatureCache(Callback):
         allow_random_transforms: cache one draw of a random training transform per sample instead of
             refusing (augmentation is then frozen for the whole run).
         build_batch_size: batch size of the build pass (default: the loader's).
+        share_dir: a folder where in-memory tables are also saved, keyed by what they depend on (the cut,
+            every frozen parameter and buffer, the dataset's length and sampled inputs, the shape,
+            dtype and precision); a later fit (another seed or strategy, another process) with the same
+            key loads the table instead of computing it (``weights_only``). ``lightning-ft compare``
+            shares one folder between its runs. Single-process runs only: under DDP the folder is not
+            used (said once).
     """
 
     def __init__(
@@ -166,6 +172,7 @@ class FeatureCache(Callback):
         cache_dir: str | Path | None = None,
         allow_random_transforms: bool = False,
         build_batch_size: int | None = None,
+        share_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         if max_memory_gb is not None and max_memory_gb < 0:
@@ -174,10 +181,11 @@ class FeatureCache(Callback):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.allow_random_transforms = allow_random_transforms
         self.build_batch_size = build_batch_size
+        self.share_dir = Path(share_dir) if share_dir is not None else None
         self.active = False
         self.tables: dict[tuple[int, int, float], FeatureTable] = {}
         self.stats: dict[str, float] = {"builds": 0, "build_seconds": 0.0, "cached_batches": 0,
-                                        "moved_batches": 0, "reloaded_batches": 0}
+                                        "moved_batches": 0, "reloaded_batches": 0, "shared_loads": 0}
         self.served: dict[int, Counter[str]] = {}
         self.serving: str | None = None
         self.cut: PrefixCut | None = None
@@ -201,6 +209,11 @@ class FeatureCache(Callback):
         if stage != "fit":
             return
         check_strategy(trainer, type(self).__name__)
+        if getattr(pl_module, "mixes_inputs", False):
+            raise ValueError(
+                "FeatureCache: this module mixes its training images (Mixup/CutMix), so no cached feature matches a "
+                "mixed batch. Set mixup_alpha=0 and cutmix_alpha=0 for a cached run, or drop FeatureCache."
+            )
         precision = str(trainer.precision)
         if precision.endswith("-true") and precision != "32-true":
             raise ValueError(
@@ -353,8 +366,60 @@ class FeatureCache(Callback):
         rank_zero_info(f"FeatureCache, {what}: {parts}; total {_human(sum(sizes))} -> {where} (limit {_human(limit)})")
         start = time.perf_counter()
         for (split, loader, key), (shape, dtype), extra in zip(todo, shapes, extras):
-            self.tables[key] = self._build(trainer, pl_module, loader, split, shape, dtype, on_disk, extra)
+            self.tables[key] = self._shared_or_built(trainer, pl_module, loader, split, shape, dtype, on_disk, extra)
         self.stats["build_seconds"] += time.perf_counter() - start
+
+    def _shared_or_built(self, trainer: L.Trainer, pl_module: L.LightningModule, loader: DataLoader, split: str,
+                         shape: tuple[int, ...], dtype: torch.dtype, on_disk: bool,
+                         extra: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> FeatureTable:
+        """The table from ``share_dir`` when one with the same key is there, else built (and saved there)."""
+        if self.share_dir is None or on_disk:
+            return self._build(trainer, pl_module, loader, split, shape, dtype, on_disk, extra)
+        if trainer.world_size > 1:
+            rank_zero_info("FeatureCache: share_dir is not used under DDP (each fit builds its own tables).")
+            return self._build(trainer, pl_module, loader, split, shape, dtype, on_disk, extra)
+        path = self.share_dir / f"{self._share_key(trainer, pl_module, loader, shape, dtype)}.pt"
+        device = pl_module.device
+        if path.is_file():
+            try:
+                saved = torch.load(path, map_location=device, weights_only=True)
+            except Exception as error:  # a truncated or foreign file: build again
+                rank_zero_warn(f"FeatureCache: could not read the shared table {path} ({error}); building it again.")
+            else:
+                self.stats["shared_loads"] += 1
+                self._generation += 1
+                rank_zero_info(f"FeatureCache: {split} table loaded from {path}")
+                return FeatureTable(saved["features"].to(dtype), saved["labels"], dtype, None, cut=self.cut,
+                                    generation=self._generation, extras=dict(saved["extras"]))
+        table = self._build(trainer, pl_module, loader, split, shape, dtype, on_disk, extra)
+        self.share_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save({"features": table.features.cpu(), "labels": table.labels.cpu(),  # type: ignore[union-attr]
+                    "extras": {k: v.cpu() for k, v in table.extras.items()}}, tmp)
+        os.replace(tmp, path)  # atomic: parallel runs never read half a file
+        return table
+
+    def _share_key(self, trainer: L.Trainer, pl_module: L.LightningModule, loader: DataLoader,
+                   shape: tuple[int, ...], dtype: torch.dtype) -> str:
+        """A digest of everything a table depends on: the cut, the frozen weights and buffers, the data."""
+        import hashlib
+
+        assert self.cut is not None
+        digest = hashlib.sha256()
+        digest.update(repr((self.cut.name, shape, str(dtype), str(trainer.precision), type(pl_module).__name__)).encode())
+        frozen = [(n, p) for n, p in pl_module.named_parameters() if not p.requires_grad]
+        for name, tensor in [*frozen, *pl_module.named_buffers()]:
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        dataset = loader.dataset
+        n = len(dataset)  # type: ignore[arg-type]
+        digest.update(repr((type(dataset).__name__, n)).encode())
+        for i in sorted({int(i) for i in np.linspace(0, n - 1, num=min(n, 16))}) if n else ():
+            x, y = fetch_inputs(dataset, [i], loader.collate_fn)
+            for t in (x.values() if isinstance(x, dict) else [x]):
+                digest.update(torch.as_tensor(t).detach().float().cpu().numpy().tobytes())
+            digest.update(torch.as_tensor(y).cpu().numpy().tobytes())
+        return digest.hexdigest()[:32]
 
     def _check_disk(self, trainer: L.Trainer, sizes: list[int]) -> None:
         folder = self._dir(trainer)
