@@ -4,6 +4,8 @@
   (also with W&B, whose runs would each get a new folder), with ``last.ckpt``, so an interrupted run
   resumes with ``--ckpt_path last``.
 * ``predict`` writes one row per sample (path, class name, probability, top-k) to ``--predictions``.
+* ``compare`` runs fine-tuning strategies over seeds and writes a report (``lightning-ft compare --help``,
+  :mod:`lightning_ft.compare`).
 * ``export`` writes the fine-tuned model as safetensors + JSON, TorchScript and ONNX
   (``lightning-ft export --help``).
 """
@@ -141,6 +143,10 @@ def main(args: list[str] | None = None) -> int:
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["export"]:
         return export_main(argv[1:])
+    if argv[:1] == ["compare"]:
+        from lightning_ft.compare import main as compare_main
+
+        return compare_main(argv[1:])
     run(args)
     return 0
 
