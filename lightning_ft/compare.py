@@ -58,6 +58,7 @@ class Strategy:
     description: str
     args: tuple[str, ...] = ()
     config: str | None = None  # a user's YAML composed after the base config
+    from_probe: bool = False  # start from the weights of a linear probe of the same seed (LP-FT)
 
 
 FEATURE_CACHE = '--trainer.callbacks+={{"class_path": "lightning_ft.callbacks.FeatureCache", "init_args": {{"share_dir": "{share}"}}}}'
@@ -68,9 +69,9 @@ STRATEGIES: dict[str, Strategy] = {
         ("--model.freeze_backbone=true", "--model.lr={probe_lr}", "--model.weight_decay=0.0", FEATURE_CACHE),
     ),
     "lp_ft": Strategy(
-        "LP-FT (Kumar et al. 2022): the head alone for the first half of the epochs, then everything",
-        ('--trainer.callbacks+={{"class_path": "lightning_ft.callbacks.GradualUnfreezing", "init_args": '
-         '{{"monitor": null, "milestones": {{"0": ["head"], "{half}": "all"}}, "verbose": false}}}}', FEATURE_CACHE),
+        "LP-FT (Kumar et al. 2022): the linear probe above (same seed, same epochs), then everything trains "
+        "from its weights at the base lr for the base epochs",
+        ("--model.freeze_backbone=false",), from_probe=True,
     ),
     "gradual": Strategy(
         "gradual unfreezing on a val/loss plateau (4 groups a step), layer decay 0.8",
@@ -99,11 +100,13 @@ class RunSpec:
     shift: dict[str, Any] | None = None
     analysis_samples: int = 1000
     threads: int | None = None
+    probe: RunSpec | None = None  # LP-FT: the linear probe whose weights this run starts from
     key: str = field(default="")
 
     def __post_init__(self) -> None:
         if not self.key:
-            blob = json.dumps([self.args, self.shift, self.analysis_samples], sort_keys=True)
+            parts = [self.args, self.shift, self.analysis_samples] + ([self.probe.key] if self.probe else [])
+            blob = json.dumps(parts, sort_keys=True)
             self.key = hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -183,24 +186,37 @@ def plan_runs(configs: Sequence[str], strategies: Sequence[str], seeds: Sequence
     for name, strategy in chosen.items():
         for seed in seeds:
             run_dir = output / "runs" / name / f"seed{seed}"
-            args = ["fit"]
-            for path in configs:
-                args += ["--config", str(Path(path).resolve())]
-            if strategy.config:
-                args += ["--config", str(Path(strategy.config).resolve())]
-            args += [a.format(**fill) for a in strategy.args]
-            args += list(extra)
-            args += [f"--seed_everything={seed}", f"--trainer.max_epochs={epochs}", f"--trainer.default_root_dir={run_dir}",
-                     "--test_after_fit=true", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-            if logger_class:  # each run logs into its own folder (and is named after its strategy and seed on W&B)
-                args.append(f"--trainer.logger.init_args.save_dir={run_dir}")
-                if "Wandb" in logger_class:
-                    args += [f"--trainer.logger.init_args.name={name}-seed{seed}",
-                             f"--trainer.logger.init_args.group={output.name}"]
-            if quick:
-                args += list(QUICK_ARGS)
-            specs.append(RunSpec(name, seed, args, str(run_dir), shift, 64 if quick else analysis_samples, threads))
+            probe = None
+            if strategy.from_probe:  # its own probe run (the same arguments as linear_probe's: shared tables)
+                probe = _spec("linear_probe", STRATEGIES["linear_probe"], seed, run_dir / "probe", configs, extra,
+                              fill, epochs, quick, logger_class, output, shift, analysis_samples, threads)
+            specs.append(_spec(name, strategy, seed, run_dir, configs, extra, fill, epochs, quick, logger_class, output,
+                               shift, analysis_samples, threads, probe))
     return specs
+
+
+def _spec(name: str, strategy: Strategy, seed: int, run_dir: Path, configs: Sequence[str], extra: Sequence[str],
+          fill: dict[str, Any], epochs: int, quick: bool, logger_class: str, output: Path,
+          shift: dict[str, Any] | None, analysis_samples: int, threads: int | None,
+          probe: RunSpec | None = None) -> RunSpec:
+    """One run's full ``lightning-ft fit`` arguments and folder."""
+    args = ["fit"]
+    for path in configs:
+        args += ["--config", str(Path(path).resolve())]
+    if strategy.config:
+        args += ["--config", str(Path(strategy.config).resolve())]
+    args += [a.format(**fill) for a in strategy.args]
+    args += list(extra)
+    args += [f"--seed_everything={seed}", f"--trainer.max_epochs={epochs}", f"--trainer.default_root_dir={run_dir}",
+             "--test_after_fit=true", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    if logger_class:  # each run logs into its own folder (and is named after its strategy and seed on W&B)
+        args.append(f"--trainer.logger.init_args.save_dir={run_dir}")
+        if "Wandb" in logger_class:
+            args += [f"--trainer.logger.init_args.name={name}-seed{seed}",
+                     f"--trainer.logger.init_args.group={output.name}"]
+    if quick:
+        args += list(QUICK_ARGS)
+    return RunSpec(name, seed, args, str(run_dir), shift, 64 if quick else analysis_samples, threads, probe)
 
 
 # ------------------------------------------------------------------ one run
@@ -243,7 +259,7 @@ def _recorder() -> Any:
     return RunRecorder()
 
 
-def _cli_with_recorder(args: list[str], recorder: Any) -> Any:
+def _cli_with_recorder(args: list[str], recorder: Any, start_from: str | None = None) -> Any:
     from lightning_ft.cli import FineTuneCLI
     from lightning_ft.module import FineTuneModule
 
@@ -251,6 +267,11 @@ def _cli_with_recorder(args: list[str], recorder: Any) -> Any:
         def after_instantiate_classes(self) -> None:
             super().after_instantiate_classes()
             self.trainer.callbacks.append(recorder)
+            if start_from:  # LP-FT: the probe's weights (its backbone is the pretrained one, its head trained)
+                import torch
+
+                state = torch.load(start_from, map_location="cpu", weights_only=True)["state_dict"]
+                self.model.load_state_dict(state)
 
     return CompareCLI(FineTuneModule, subclass_mode_data=True, save_config_kwargs={"overwrite": True}, args=args)
 
@@ -362,13 +383,20 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         for lg in loggers:
             lg.handlers, lg.propagate = [handler], False
         sys.argv = ["lightning-ft"]
+        start_from, probe_history = None, []
+        if spec.probe is not None:
+            probe = _reusable(spec.probe) or run_one(spec.probe)
+            if probe.get("status") != "ok" or not probe.get("checkpoint"):
+                raise RuntimeError(f"its linear probe (in {spec.probe.run_dir}) failed: {probe.get('error', 'no checkpoint')}")
+            start_from, probe_history = probe["checkpoint"], probe["history"]
+            result["probe_metrics"] = probe["metrics"]
         recorder = _recorder()
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             import warnings
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cli = _cli_with_recorder(spec.args, recorder)
+                cli = _cli_with_recorder(spec.args, recorder, start_from)
                 metrics = _metrics(cli.trainer)
                 if "test/acc" not in metrics:
                     raise RuntimeError(f"the run logged no test/acc (logged: {sorted(cli.trainer.callback_metrics)})")
@@ -383,7 +411,8 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
                                               if k.startswith("test/")})
                 callback = cli.trainer.checkpoint_callback
                 result["checkpoint"] = getattr(callback, "best_model_path", "") or ""
-                result["history"] = recorder.history
+                offset = len(probe_history)  # LP-FT: the probe's epochs first, then these
+                result["history"] = probe_history + [{**row, "epoch": row["epoch"] + offset} for row in recorder.history]
                 _analyse(cli, recorder, spec, result, run_dir)
         result["status"] = "ok"
     except BaseException as error:  # noqa: BLE001 -- a failed run is reported, and the others go on

@@ -237,8 +237,8 @@ def layer_cka(
     representation alone, lower where it changed it.
 
     Args:
-        model_a, model_b: two models with the same layer group names (e.g. one architecture before and
-            after training); any ``nn.Module`` or a :class:`~lightning_ft.FineTuneModule`.
+        model_a: a model (e.g. the pretrained one): any ``nn.Module`` or a :class:`~lightning_ft.FineTuneModule`.
+        model_b: a model with the same layer group names (e.g. the same architecture after fine-tuning).
         batches: an iterable of batches of the :mod:`lightning_ft.batch` contract: input tensors,
             ``(inputs, targets)`` tuples or ``{"inputs": ...}`` dicts (targets are ignored).
         groups: group names (or :class:`~lightning_ft.groups.LayerGroup` s, looked up by name in each

@@ -550,7 +550,7 @@ def plot_layer_change(layer_stats: Mapping[str, Mapping[str, Mapping[str, float]
     groups = list(groups)
     k, s = len(groups), max(1, len(names))
     width = 0.8 / s
-    fig = _figure(figsize or (max(6.5, 0.32 * k * s + 0.6 * k + 2.5), 6.8))
+    fig = _figure(figsize or (min(16.0, max(6.5, 0.32 * k * s + 0.6 * k + 2.5)), 6.8))  # wide sets: thinner bars
     axes = fig.subplots(2, 1, sharex=True)
     x = np.arange(k)
     for ax, (key, ylabel, sub) in zip(axes, panels):

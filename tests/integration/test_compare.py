@@ -119,8 +119,9 @@ def check_a_progress_line_per_run_and_every_file(report) -> None:
     assert all(f"`{s}`" in markdown for s in STRATS) and "shift/acc" in markdown
     per_class = _rows(out / "per_class.csv")
     assert len(per_class) == len(STRATS) * len(SEEDS) * 10
-    # the linear probe's frozen features were computed once and shared (by its seeds, and by LP-FT's seeds)
-    assert len(list((out / "feature_tables").glob("*.pt"))) == 4
+    # the frozen features were computed once (train + val) and shared by every probe: the linear probe's seeds
+    # and LP-FT's own probes
+    assert len(list((out / "feature_tables").glob("*.pt"))) == 2
     log = (out / "runs" / "linear_probe" / "seed1" / "log.txt").read_text()
     assert "train table loaded from" in log
 
@@ -137,16 +138,26 @@ def check_the_table_holds_the_runs_own_test_metrics(report) -> None:
             run_dir = out / "runs" / strategy / f"seed{seed}"
             result = json.loads((run_dir / "result.json").read_text())
             # the run's own CSV log: the in-domain test first, then the shifted test set
-            logged = [float(r["test/acc"]) for r in _rows(next(run_dir.rglob("metrics.csv"))) if r.get("test/acc")]
+            logged = [float(r["test/acc"]) for r in _rows(next((run_dir / "lightning_logs").rglob("metrics.csv")))
+                      if r.get("test/acc")]
             assert len(logged) == 2, logged
             assert float(runs[strategy, seed]["test/acc"]) == pytest.approx(logged[0], abs=1e-6)
             assert float(runs[strategy, seed]["shift/acc"]) == pytest.approx(logged[1], abs=1e-6)
             assert result["metrics"]["test/acc"] == pytest.approx(logged[0], abs=1e-6)
             # the learning curves are the epochs' own logged values (train and val, each epoch)
-            log_rows = _rows(next(run_dir.rglob("metrics.csv")))
+            log_rows = _rows(next((run_dir / "lightning_logs").rglob("metrics.csv")))
+            history = result["history"]
+            if strategy == "lp_ft":  # the probe's epochs, then the fine-tuning's (more parameters train)
+                probe = json.loads((run_dir / "probe" / "result.json").read_text())
+                k = len(probe["history"])
+                assert history[:k] == probe["history"] and history[k]["epoch"] == k
+                assert history[k]["trainable"] > history[k - 1]["trainable"]
+                # its probe is the linear probe of the same seed, run again with the same arguments
+                assert probe["metrics"]["test/acc"] == pytest.approx(float(runs["linear_probe", seed]["test/acc"]))
+                history = history[k:]
             for key in ("train/loss_epoch", "val/loss", "val/acc"):
                 per_epoch = [float(r[key]) for r in log_rows if r.get(key)]
-                assert [h[key] for h in result["history"]] == pytest.approx(per_epoch, abs=1e-6), key
+                assert [h[key] for h in history] == pytest.approx(per_epoch, abs=1e-6), key
             own.append(logged[0])
             if seed == SEEDS[0]:  # and re-tested from the run's best checkpoint in a new Trainer
                 ckpt = result["checkpoint"]
@@ -210,8 +221,11 @@ def test_bad_requests_are_refused_before_any_run(tmp_path: Path) -> None:
         plan_runs([str(config)], ["full"], [0], tmp_path)
     specs = plan_runs([str(config)], ["linear_probe", "lp_ft"], [0, 1], tmp_path, epochs=6)
     assert [(s.strategy, s.seed) for s in specs] == [("linear_probe", 0), ("linear_probe", 1), ("lp_ft", 0), ("lp_ft", 1)]
-    lp_ft = " ".join(specs[2].args)
-    assert '"milestones": {"0": ["head"], "3": "all"}' in lp_ft and "--trainer.max_epochs=6" in lp_ft
+    lp_ft = specs[2]  # LP-FT: its own linear probe (the same arguments as linear_probe's, in its folder), then all
+    assert lp_ft.probe is not None and "--trainer.max_epochs=6" in lp_ft.args
+    assert [a for a in lp_ft.probe.args if "seed0" not in a] == [a for a in specs[0].args if "seed0" not in a]
+    assert Path(lp_ft.probe.run_dir) == Path(lp_ft.run_dir) / "probe"
+    assert "--model.freeze_backbone=false" in lp_ft.args and specs[3].probe.key != lp_ft.probe.key
     assert "--model.lr=0.03" in " ".join(specs[0].args)  # 10x the base lr (0.003)
     assert specs[0].key != specs[1].key and set(STRATEGIES) >= {"linear_probe", "lp_ft", "gradual", "full",
                                                                 "full_llrd", "scratch"}
