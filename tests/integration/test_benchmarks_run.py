@@ -239,6 +239,13 @@ def check_overhead(out: str) -> None:
         assert int(row["steps timed"]) > 0, row
     _positive(_line_number(out, r"step-time ratio callbacks / plain: ([\d.eE+-]+)"), "step-time ratio")
     _positive(_line_number(out, r"epoch-time ratio: ([\d.eE+-]+)"), "epoch-time ratio")
+    (monitor,) = _table(out, "monitor arm")  # UpdateMonitor against the same loop with a logger
+    assert [r["monitor arm"] for r in monitor] == ["logged", "monitor", "monitor, every step"], monitor
+    for row in monitor:
+        _positive(_number(row["median step (ms)"]), "step")
+    _positive(_line_number(out, r"per-step cost, monitor / logged: median step ([\d.eE+-]+)"), "monitor ratio")
+    _positive(_line_number(out, r"logging step \(logging_interval=1\), monitor / logged: median step ([\d.eE+-]+)"),
+              "logging-step ratio")
 
 
 def check_prefix_cache(out: str) -> None:
