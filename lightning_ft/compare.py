@@ -296,6 +296,9 @@ def _collect(model: Any, loader: Any, limit: int, features: bool = False) -> dic
     with torch.no_grad():
         for batch in loader:
             x, y = split_batch(batch)
+            if not isinstance(x, torch.Tensor) or getattr(model, "tasks", None):
+                raise ValueError("the analysis (calibration, per-class metrics, features, layer change) reads one "
+                                 "task on tensor inputs; this run has dict inputs or several tasks")
             x = x.to(model.device)
             pooled, out = model.forward_features(x)
             logits.append(out.float().cpu())
@@ -413,7 +416,11 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
                 result["checkpoint"] = getattr(callback, "best_model_path", "") or ""
                 offset = len(probe_history)  # LP-FT: the probe's epochs first, then these
                 result["history"] = probe_history + [{**row, "epoch": row["epoch"] + offset} for row in recorder.history]
-                _analyse(cli, recorder, spec, result, run_dir)
+                try:
+                    _analyse(cli, recorder, spec, result, run_dir)
+                except Exception as error:  # the run itself finished: its metrics stand, the plots skip it
+                    result["analysis_error"] = f"{type(error).__name__}: {error}"[:1000]
+                    log.write(traceback.format_exc())
         result["status"] = "ok"
     except BaseException as error:  # noqa: BLE001 -- a failed run is reported, and the others go on
         if isinstance(error, KeyboardInterrupt):
@@ -448,7 +455,8 @@ def _reusable(spec: RunSpec) -> dict[str, Any] | None:
         result = json.loads(path.read_text())
     except ValueError:
         return None
-    ok = result.get("status") == "ok" and result.get("key") == spec.key and (Path(spec.run_dir) / "analysis.npz").is_file()
+    analysed = (Path(spec.run_dir) / "analysis.npz").is_file() or "analysis_error" in result
+    ok = result.get("status") == "ok" and result.get("key") == spec.key and analysed
     return result if ok else None
 
 
@@ -598,15 +606,16 @@ def write_report(results: list[dict[str, Any]], output: str | Path, strategies: 
     marks = {s: _phase_marks(h[0]) for s, h in histories.items()}
     if histories:
         files["learning_curves"] = Path(plot_learning_curves(histories, output / "learning_curves.png", phase_marks=marks))
+    analysed = [r for r in ok if "analysis_error" not in r and "cka" in r]
     layer_stats = {}
     for s in strategies:
-        runs = [r for r in ok if r["strategy"] == s]
+        runs = [r for r in analysed if r["strategy"] == s]
         if runs:
             layer_stats[s] = {k: _mean_dicts([r[k] for r in runs]) for k in ("cka", "weight_change")}
     if layer_stats:
         files["layer_change"] = Path(plot_layer_change(layer_stats, output / "layer_change.png"))
     for s in strategies:
-        runs = [r for r in ok if r["strategy"] == s]
+        runs = [r for r in analysed if r["strategy"] == s]
         if not runs:
             continue
         data = [np.load(Path(r.get("run_dir") or _run_dir(output, r)) / "analysis.npz") for r in runs]
@@ -682,6 +691,10 @@ def _markdown(rows: list[dict[str, Any]], results: list[dict[str, Any]], strateg
                                  f"{_signed(row.get(f'{m} vs {baseline} high'))}]")
         cells += [_fmt(row["ece"]), _fmt(row["ece_ts"]), _fmt(row["temperature"], 2)]
         lines.append("| " + " | ".join(cells) + " |")
+    unanalysed = [r for r in results if r.get("status") == "ok" and "analysis_error" in r]
+    if unanalysed:
+        lines += ["", "## Runs without analysis", "", "Their metrics are in the table; the plots leave them out.", ""]
+        lines += [f"- `{r['strategy']}` seed {r['seed']}: {r['analysis_error']}" for r in unanalysed]
     failed = [r for r in results if r.get("status") != "ok"]
     if failed:
         lines += ["", "## Failed runs", ""]

@@ -237,3 +237,23 @@ def test_the_command_exits_2_naming_a_bad_argument(tmp_path: Path) -> None:
     assert result.returncode == 2 and "Unknown strategy 'probe'" in result.stderr
     result = _compare("--config", "base.yaml", "stray", cwd=tmp_path, timeout=120)
     assert result.returncode == 2 and "--section.key=value" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_run_the_analysis_cannot_read_keeps_its_metrics(tmp_path: Path) -> None:
+    """Time-series inputs (a dict): the run trains and tests, its metrics are in the table, and the report
+    says why it has no plots -- the analysis failing does not fail (or drop) the run."""
+    from lightning_ft.compare import compare, write_report
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "crop_time_series.yaml"
+    specs = plan_runs([str(config)], ["full"], [0], tmp_path, extra=["--data.init_args.limit=32"], quick=True)
+    lines: list[str] = []
+    (result,) = compare(specs, tmp_path, echo=lines.append)
+    assert result["status"] == "ok", result.get("error")
+    assert "dict inputs or several tasks" in result["analysis_error"] and "test/acc" in result["metrics"]
+    files = write_report([result], tmp_path, ["full"], echo=lines.append)
+    text = files["report"].read_text()
+    assert "## Runs without analysis" in text and "dict inputs" in text
+    assert "learning_curves" in files and "confusion_full" not in files
+    (again,) = compare(specs, tmp_path, echo=lines.append)  # reused, not rerun for its missing plots
+    assert lines[-1].endswith("(reused)") and again["metrics"] == result["metrics"]
