@@ -105,9 +105,21 @@ class RunSpec:
 
     def __post_init__(self) -> None:
         if not self.key:
-            parts = [self.args, self.shift, self.analysis_samples] + ([self.probe.key] if self.probe else [])
+            # the configs' contents too: an edited YAML must not reuse the runs of the old one
+            contents = [hashlib.sha1(Path(f).read_bytes()).hexdigest() for f in _files_in(self.args)]
+            parts = [self.args, self.shift, self.analysis_samples, contents] + ([self.probe.key] if self.probe else [])
             blob = json.dumps(parts, sort_keys=True)
             self.key = hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def _files_in(args: Sequence[str]) -> list[str]:
+    """The files the arguments name: ``--config PATH`` and ``--key=PATH`` values that are files (configs)."""
+    files = []
+    for prev, arg in zip(["", *args], args):
+        value = arg if prev == "--config" else arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else None
+        if value and not value.startswith(("{", "[")) and Path(value).is_file():
+            files.append(value)
+    return files
 
 
 # ------------------------------------------------------------------ planning
@@ -205,10 +217,11 @@ def _spec(name: str, strategy: Strategy, seed: int, run_dir: Path, configs: Sequ
         args += ["--config", str(Path(path).resolve())]
     if strategy.config:
         args += ["--config", str(Path(strategy.config).resolve())]
+    args += list(extra)  # yours first: the strategy's own settings (probe lr, layer decay, ...) win
     args += [a.format(**fill) for a in strategy.args]
-    args += list(extra)
     args += [f"--seed_everything={seed}", f"--trainer.max_epochs={epochs}", f"--trainer.default_root_dir={run_dir}",
-             "--test_after_fit=true", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+             "--test_after_fit=true", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+             "--trainer.devices=1"]  # one device per run (a DDP launcher would re-run this command); --jobs for more
     if logger_class:  # each run logs into its own folder (and is named after its strategy and seed on W&B)
         args.append(f"--trainer.logger.init_args.save_dir={run_dir}")
         if "Wandb" in logger_class:
@@ -287,11 +300,19 @@ def _instantiate(spec: dict[str, Any]) -> Any:
 
 
 def _collect(model: Any, loader: Any, limit: int, features: bool = False) -> dict[str, np.ndarray]:
-    """Logits, targets (and pooled backbone features) of the first ``limit`` samples of ``loader``."""
+    """Logits, targets (and pooled backbone features) of up to ``limit`` samples of ``loader``'s dataset: a
+    seeded random subset (splits are often ordered by class; the first rows would be a few classes)."""
     import torch
+    from torch.utils.data import DataLoader, Subset
 
     from lightning_ft.batch import split_batch
 
+    dataset = loader.dataset
+    n_all = len(dataset)
+    if n_all > limit:
+        index = torch.randperm(n_all, generator=torch.Generator().manual_seed(0))[:limit].sort().values
+        loader = DataLoader(Subset(dataset, index.tolist()), batch_size=loader.batch_size or 64,
+                            collate_fn=loader.collate_fn)
     logits, targets, feats, inputs, n = [], [], [], [], 0
     with torch.no_grad():
         for batch in loader:
@@ -328,7 +349,7 @@ def _analyse(cli: Any, recorder: Any, spec: RunSpec, result: dict[str, Any], run
     from lightning_ft.analysis.layers import layer_cka, weight_change
     from lightning_ft.analysis.metrics import per_class_metrics
 
-    model = cli.model.eval()
+    model = cli.model.to(cli.trainer.strategy.root_device).eval()  # Lightning's teardown moved it to the CPU
     dm = cli.datamodule
     limit = spec.analysis_samples
     val = _collect(model, _first_loader(dm.val_dataloader()), limit)
@@ -405,13 +426,18 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
                     raise RuntimeError(f"the run logged no test/acc (logged: {sorted(cli.trainer.callback_metrics)})")
                 result["metrics"] = metrics
                 if spec.shift is not None:
-                    dm = _instantiate(spec.shift)
-                    dm.trainer = cli.trainer  # it prepares inputs as the model's data config says
-                    dm.setup("test")
-                    cli._shift_loader = _first_loader(dm.test_dataloader())
-                    shifted = cli.trainer.test(cli.model, dataloaders=cli._shift_loader, verbose=False)
-                    result["metrics"].update({k.replace("test/", "shift/"): float(v) for k, v in shifted[0].items()
-                                              if k.startswith("test/")})
+                    try:
+                        dm = _instantiate(spec.shift)
+                        dm.trainer = cli.trainer  # it prepares inputs as the model's data config says
+                        dm.setup("test")
+                        cli._shift_loader = _first_loader(dm.test_dataloader())
+                        shifted = cli.trainer.test(cli.model, dataloaders=cli._shift_loader, verbose=False)
+                        result["metrics"].update({k.replace("test/", "shift/"): float(v)
+                                                  for k, v in shifted[0].items() if k.startswith("test/")})
+                    except Exception as error:  # the run's own metrics stand; the report says what failed
+                        result["shift_error"] = f"{type(error).__name__}: {error}"[:1000]
+                        cli._shift_loader = None
+                        log.write(traceback.format_exc())
                 callback = cli.trainer.checkpoint_callback
                 result["checkpoint"] = getattr(callback, "best_model_path", "") or ""
                 offset = len(probe_history)  # LP-FT: the probe's epochs first, then these
@@ -428,6 +454,9 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         result["error"] = f"{type(error).__name__}: {error}".strip()[:2000]
         log.write(traceback.format_exc())
     finally:
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and getattr(wandb, "run", None) is not None:
+            wandb.finish()  # Lightning's WandbLogger leaves its run open: the next run would log into it
         sys.argv = argv
         for lg, (handlers, propagate) in zip(loggers, saved):
             lg.handlers, lg.propagate = handlers, propagate
@@ -456,6 +485,8 @@ def _reusable(spec: RunSpec) -> dict[str, Any] | None:
     except ValueError:
         return None
     analysed = (Path(spec.run_dir) / "analysis.npz").is_file() or "analysis_error" in result
+    if spec.strategy == "linear_probe" and result.get("checkpoint") and not Path(result["checkpoint"]).is_file():
+        return None  # LP-FT starts from it
     ok = result.get("status") == "ok" and result.get("key") == spec.key and analysed
     return result if ok else None
 
@@ -498,7 +529,8 @@ def compare(specs: Sequence[RunSpec], output: str | Path, jobs: int = 1, echo: A
         threads = max(1, (os.cpu_count() or 1) // jobs)
         for i in todo:
             specs[i].threads = specs[i].threads or threads
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 max_tasks_per_child=1) as pool:  # a fresh process per run: no state carries over
             futures = {pool.submit(run_one, specs[i]): i for i in todo}
             for future in as_completed(futures):
                 i = futures[future]
@@ -695,6 +727,10 @@ def _markdown(rows: list[dict[str, Any]], results: list[dict[str, Any]], strateg
     if unanalysed:
         lines += ["", "## Runs without analysis", "", "Their metrics are in the table; the plots leave them out.", ""]
         lines += [f"- `{r['strategy']}` seed {r['seed']}: {r['analysis_error']}" for r in unanalysed]
+    unshifted = [r for r in results if r.get("status") == "ok" and "shift_error" in r]
+    if unshifted:
+        lines += ["", "## Runs not tested on the shifted set", ""]
+        lines += [f"- `{r['strategy']}` seed {r['seed']}: {r['shift_error']}" for r in unshifted]
     failed = [r for r in results if r.get("status") != "ok"]
     if failed:
         lines += ["", "## Failed runs", ""]
@@ -792,6 +828,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     if ns.jobs < 1:
         parser.error("--jobs must be >= 1")
+    if specs and specs[0].shift is not None:
+        try:  # before any run trains: a wrong class path fails now, not after every fit
+            _instantiate(specs[0].shift)
+        except Exception as error:
+            parser.error(f"--shift_data: {type(error).__name__}: {error}")
     print(f"compare: {len(specs)} runs ({', '.join(dict.fromkeys(s.strategy for s in specs))} x seeds "
           f"{' '.join(map(str, ns.seeds))}) -> {Path(ns.output).resolve()}", flush=True)
     results = compare(specs, ns.output, jobs=ns.jobs, echo=lambda line: print(line, flush=True))

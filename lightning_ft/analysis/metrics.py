@@ -4,9 +4,9 @@
   one dict a class (a table row).
 * :func:`confusion` -- the confusion matrix as a numpy array, rows = true class, columns = predicted.
 
-Inputs are probabilities or logits ``(N, C)`` (torchmetrics applies a softmax to values outside
-``[0, 1]``; the argmax and the per-class ranking are the same either way) and integer targets ``(N,)``,
-as torch tensors or numpy arrays.
+Inputs are probabilities or logits ``(N, C)`` (rows that are not probabilities -- outside ``[0, 1]``
+or not summing to 1 -- get a softmax here, so logits that happen to lie in ``[0, 1]`` are treated as
+logits) and integer targets ``(N,)``, as torch tensors or numpy arrays.
 
 Rows whose target is :data:`lightning_ft.batch.MISSING` (``-100``) are left out.
 
@@ -63,6 +63,12 @@ def _check(preds: torch.Tensor, targets: torch.Tensor, num_classes: int | None) 
     return num_classes
 
 
+def _are_probabilities(preds: torch.Tensor) -> bool:
+    return bool(((preds >= 0) & (preds <= 1)).all()) and bool(torch.allclose(preds.sum(dim=1),
+                                                                                torch.ones((), dtype=preds.dtype),
+                                                                                atol=1e-4))
+
+
 def per_class_metrics(probs_or_logits: Any, targets: Any, class_names: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Precision, recall, F1, support and one-vs-rest AUROC for each class.
 
@@ -81,6 +87,8 @@ def per_class_metrics(probs_or_logits: Any, targets: Any, class_names: Sequence[
         raise ValueError(f"probs_or_logits must have shape (N, C), got {tuple(preds.shape)}.")
     preds, target = _labelled(preds, target)
     c = _check(preds, target, None)
+    if preds.numel() and not _are_probabilities(preds):
+        preds = preds.softmax(dim=1)  # AUROC ranks probabilities: torchmetrics would skip the softmax in [0, 1]
     if class_names is not None and len(class_names) != c:
         raise ValueError(f"{len(class_names)} class names for {c} classes.")
     kw = dict(num_classes=c, average=None, validate_args=False)

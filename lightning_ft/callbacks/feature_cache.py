@@ -124,6 +124,34 @@ class _NoRoom(ValueError):
     """The memory-mapped tables would not fit on the disk."""
 
 
+def _digest_dataset(dataset: Any, digest: Any, depth: int = 0) -> None:
+    """Feed what a dataset holds into ``digest`` where that is cheap: a ``Subset``'s indices, a
+    ``TensorDataset``'s tensors (inputs as prepared, labels), an image folder's ``(path, label)`` samples
+    with their files' modification times; wrappers (``.dataset``, ``.base``) are followed."""
+    from torch.utils.data import Subset, TensorDataset
+
+    if depth > 8:
+        return
+    if isinstance(dataset, Subset):
+        digest.update(np.asarray(dataset.indices, dtype=np.int64).tobytes())
+        _digest_dataset(dataset.dataset, digest, depth + 1)
+    elif isinstance(dataset, TensorDataset):
+        for tensor in dataset.tensors:
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    elif isinstance(getattr(dataset, "samples", None), list):
+        for sample in dataset.samples:
+            digest.update(repr(sample).encode())
+            path = sample[0] if isinstance(sample, (tuple, list)) and sample else None
+            if isinstance(path, (str, os.PathLike)) and os.path.exists(path):
+                digest.update(str(os.stat(path).st_mtime_ns).encode())
+    else:
+        for attr in ("dataset", "base"):
+            inner = getattr(dataset, attr, None)
+            if inner is not None and hasattr(inner, "__getitem__"):
+                _digest_dataset(inner, digest, depth + 1)
+                return
+
+
 def _default_limit_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -411,9 +439,11 @@ class FeatureCache(Callback):
         for name, tensor in [*frozen, *pl_module.named_buffers()]:
             digest.update(name.encode())
             digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        digest.update(repr(pl_module).encode())  # the modules and their options (pooling, say), not only weights
         dataset = loader.dataset
         n = len(dataset)  # type: ignore[arg-type]
         digest.update(repr((type(dataset).__name__, n)).encode())
+        _digest_dataset(dataset, digest)  # every label (and input) where the dataset holds them
         for i in sorted({int(i) for i in np.linspace(0, n - 1, num=min(n, 16))}) if n else ():
             x, y = fetch_inputs(dataset, [i], loader.collate_fn)
             for t in (x.values() if isinstance(x, dict) else [x]):

@@ -227,6 +227,9 @@ def test_bad_requests_are_refused_before_any_run(tmp_path: Path) -> None:
     assert Path(lp_ft.probe.run_dir) == Path(lp_ft.run_dir) / "probe"
     assert "--model.freeze_backbone=false" in lp_ft.args and specs[3].probe.key != lp_ft.probe.key
     assert "--model.lr=0.03" in " ".join(specs[0].args)  # 10x the base lr (0.003)
+    config.write_text(config.read_text().replace("log_every_n_steps: 1", "log_every_n_steps: 2"))  # edited: new runs
+    edited = plan_runs([str(config)], ["linear_probe", "lp_ft"], [0, 1], tmp_path, epochs=6)
+    assert all(a.key != b.key for a, b in zip(specs, edited))
     assert specs[0].key != specs[1].key and set(STRATEGIES) >= {"linear_probe", "lp_ft", "gradual", "full",
                                                                 "full_llrd", "scratch"}
 
@@ -237,6 +240,9 @@ def test_the_command_exits_2_naming_a_bad_argument(tmp_path: Path) -> None:
     assert result.returncode == 2 and "Unknown strategy 'probe'" in result.stderr
     result = _compare("--config", "base.yaml", "stray", cwd=tmp_path, timeout=120)
     assert result.returncode == 2 and "--section.key=value" in result.stderr
+    result = _compare("--config", "base.yaml", "--shift_data", '{"class_path": "lightning_ft.data.NoSuchData"}',
+                      cwd=tmp_path, timeout=120)  # refused before any run trains
+    assert result.returncode == 2 and "--shift_data: AttributeError" in result.stderr and "NoSuchData" in result.stderr
 
 
 @pytest.mark.slow
@@ -257,3 +263,44 @@ def test_a_run_the_analysis_cannot_read_keeps_its_metrics(tmp_path: Path) -> Non
     assert "learning_curves" in files and "confusion_full" not in files
     (again,) = compare(specs, tmp_path, echo=lines.append)  # reused, not rerun for its missing plots
     assert lines[-1].endswith("(reused)") and again["metrics"] == result["metrics"]
+
+
+@pytest.mark.slow
+def test_each_run_gets_its_own_wandb_run(tmp_path: Path) -> None:
+    """Lightning's WandbLogger reuses an open wandb run: without closing it, every run after the first of a
+    comparison would log into the first one (and drop its metrics)."""
+    from lightning_ft.compare import compare
+
+    (tmp_path / "base.yaml").write_text(BASE.replace("""  logger:
+    class_path: lightning.pytorch.loggers.CSVLogger
+    init_args:
+      save_dir: logs
+""", """  logger:
+    class_path: lightning.pytorch.loggers.WandbLogger
+    init_args:
+      project: lft-compare-runs
+      offline: true
+"""))
+    _write_weights(tmp_path)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # the config names weights.safetensors relative to it
+    try:
+        specs = plan_runs(["base.yaml"], ["full"], [0, 1], tmp_path / "report", quick=True)
+        assert "--trainer.logger.init_args.name=full-seed1" in specs[1].args
+        results = compare(specs, tmp_path / "report", echo=lambda line: None)
+    finally:
+        os.chdir(cwd)
+    assert [r["status"] for r in results] == ["ok", "ok"], [r.get("error") for r in results]
+    ids = []
+    for seed in (0, 1):
+        (run,) = (tmp_path / "report" / "runs" / "full" / f"seed{seed}" / "wandb").glob("offline-run-*")
+        ids.append(run.name.rsplit("-", 1)[-1])
+    assert ids[0] != ids[1]
+
+
+def test_a_strategy_keeps_its_own_settings_over_overrides_for_every_run(tmp_path: Path) -> None:
+    config = tmp_path / "base.yaml"
+    config.write_text(BASE)
+    (full_llrd,) = plan_runs([str(config)], ["full_llrd"], [0], tmp_path, extra=["--model.layer_decay=0.9"])
+    decays = [a for a in full_llrd.args if a.startswith("--model.layer_decay=")]
+    assert decays == ["--model.layer_decay=0.9", "--model.layer_decay=0.75"]  # the last one counts

@@ -16,7 +16,7 @@ from tests.conftest import fast_trainer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _fit(cache: FeatureCache, seed: int = 0, perturb: bool = False, limit: int = 96):
+def _fit(cache: FeatureCache, seed: int = 0, perturb: bool = False, limit: int | None = 96):
     torch.manual_seed(0)  # the same pretrained-like backbone in every run
     model = FineTuneModule("test_resnet", num_classes=10, in_chans=1, img_size=32, lr=1e-2, freeze_backbone=True)
     if perturb:
@@ -64,3 +64,27 @@ def test_changed_weights_or_data_build_a_new_table(tmp_path):
     _fit(other_data, limit=80)
     assert other_data.stats["shared_loads"] == 0
     assert len(list(share.glob("*.pt"))) == 6
+
+
+class _Relabelled(DigitsDataModule):
+    """The digits with one training label corrected after the split: the same samples, the same 16 rows the
+    key samples, one different target."""
+
+    def setup(self, stage=None):
+        fresh = self.train_set is None
+        super().setup(stage)
+        if fresh:
+            labels = self.train_set.dataset.tensors[1]
+            i = self.train_set.indices[5]  # not one of the rows at linspace(0, n - 1, 16)
+            labels[i] = (labels[i] + 1) % 10
+
+
+def test_a_corrected_label_builds_a_new_table(tmp_path):
+    share = tmp_path / "tables"
+    _fit(FeatureCache(share_dir=share), limit=None)
+    relabelled = FeatureCache(share_dir=share)
+    torch.manual_seed(0)
+    model = FineTuneModule("test_resnet", num_classes=10, in_chans=1, img_size=32, lr=1e-2, freeze_backbone=True)
+    fast_trainer(max_epochs=1, limit_train_batches=1, callbacks=[relabelled]).fit(
+        model, datamodule=_Relabelled(batch_size=16))
+    assert relabelled.stats["builds"] >= 1  # built again (the tables share one tensor of labels): not stale

@@ -134,3 +134,18 @@ def test_confusion_matches_sklearn():
     np.testing.assert_array_equal(confusion(logits.argmax(1).numpy(), targets.numpy(), num_classes=6), ref)
     with pytest.raises(ValueError, match="num_classes"):
         confusion(logits.argmax(1), targets)
+
+
+def test_per_class_auroc_of_logits_in_the_unit_interval_is_that_of_their_softmax():
+    """Logits that happen to lie in [0, 1] are logits: the same ranking as their softmax and as shifted logits
+    (torchmetrics alone would rank the raw values)."""
+    import torch
+
+    from lightning_ft.analysis.metrics import per_class_metrics
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.rand(200, 3, generator=g) * 0.9
+    y = torch.randint(0, 3, (200,), generator=g)
+    auroc = [r["auroc"] for r in per_class_metrics(z, y)]
+    assert auroc == [r["auroc"] for r in per_class_metrics(z.softmax(1), y)]
+    assert auroc == [r["auroc"] for r in per_class_metrics(z + 5, y)]
