@@ -63,10 +63,11 @@ class Strategy:
 
 FEATURE_CACHE = '--trainer.callbacks+={{"class_path": "lightning_ft.callbacks.FeatureCache", "init_args": {{"share_dir": "{share}"}}}}'
 
+NO_MIXING = ("--model.mixup_alpha=0.0", "--model.cutmix_alpha=0.0")  # cached features cannot be mixed
 STRATEGIES: dict[str, Strategy] = {
     "linear_probe": Strategy(
-        "backbone frozen (BatchNorm statistics too), a linear head on cached features, lr x10",
-        ("--model.freeze_backbone=true", "--model.lr={probe_lr}", "--model.weight_decay=0.0", FEATURE_CACHE),
+        "backbone frozen (BatchNorm statistics too), a linear head on cached features, lr x10, no Mixup/CutMix",
+        ("--model.freeze_backbone=true", "--model.lr={probe_lr}", "--model.weight_decay=0.0", *NO_MIXING, FEATURE_CACHE),
     ),
     "lp_ft": Strategy(
         "LP-FT (Kumar et al. 2022): the linear probe above (same seed, same epochs), then everything trains "
@@ -77,7 +78,7 @@ STRATEGIES: dict[str, Strategy] = {
         "gradual unfreezing on a val/loss plateau (4 groups a step), layer decay 0.8",
         ('--trainer.callbacks+={{"class_path": "lightning_ft.callbacks.GradualUnfreezing", "init_args": '
          '{{"monitor": "val/loss", "patience": 1, "groups_per_step": 4, "verbose": false}}}}',
-         "--model.layer_decay=0.8", FEATURE_CACHE),
+         "--model.layer_decay=0.8", *NO_MIXING, FEATURE_CACHE),
     ),
     "full": Strategy("everything trains from the start (the base config's recipe)", ("--model.freeze_backbone=false",)),
     "full_llrd": Strategy("everything trains, layer-wise lr decay 0.75",
