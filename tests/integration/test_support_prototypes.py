@@ -47,6 +47,7 @@ def trainer(**kw) -> L.Trainer:
 
 
 def test_prototypes_are_the_class_means_of_eval_mode_features_on_a_plain_module():
+    torch.manual_seed(0)  # the body's initialisation and the shuffle: not whatever ran before in this worker
     model = UserModule()
     dataset = data()
     # the reference: eval-mode features (BatchNorm running stats), L2-normalised, averaged per class

@@ -240,8 +240,14 @@ def test_bf16_mixed_on_cpu():
 
 
 def test_16_mixed_gradient_norms_are_unscaled():
-    """The hook runs after GradScaler.unscale_: the norms are those of the float32 loop, not 65536 times them."""
-    logger = _fit(UserNet(), [UpdateMonitor(verbose=False)], batches=2, log_every_n_steps=1, precision="16-mixed")
+    """The hook runs after GradScaler.unscale_: the norms are those of the float32 loop, not 65536 times them.
+    (``precision="16-mixed"`` alone becomes bf16 on CPU: the plugin with a CPU GradScaler keeps fp16 scaling.)"""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    plugin = MixedPrecision(precision="16-mixed", device="cpu", scaler=scaler)
+    logger = _fit(UserNet(), [UpdateMonitor(verbose=False)], batches=2, log_every_n_steps=1, plugins=[plugin])
+    assert scaler.get_scale() >= 2.0**15  # a real fp16 scaler ran (65536, or halved once after an overflow)
     logged = logger.updates()
     assert len(logged) == 2
     for (_, values), reference in zip(logged, _reference(2)):
