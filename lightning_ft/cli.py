@@ -89,16 +89,18 @@ class FineTuneCLI(LightningCLI):
                 print(f"test accuracy: {acc:.4f}")
 
 
-def run(args: list[str] | None = None) -> FineTuneCLI:
+def run(args: list[str] | None = None, cli_class: type[FineTuneCLI] = FineTuneCLI) -> FineTuneCLI:
     """Run the CLI and return it (its ``trainer``, ``model``, ``datamodule``): for Python scripts and tests.
 
-    ``args`` (a list of strings) replaces ``sys.argv[1:]``.
+    ``args`` (a list of strings) replaces ``sys.argv[1:]``; ``cli_class`` is a subclass adding hooks
+    (``lightning-ft compare`` records each run's history with one).
     """
-    return FineTuneCLI(
+    return cli_class(
         FineTuneModule,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": "Fine-tune pretrained models. Also: `lightning-ft export --help`."},
+        parser_kwargs={"description": "Fine-tune pretrained models. Also: `lightning-ft compare --help`, "
+                                      "`lightning-ft export --help`."},
         args=args,
     )
 

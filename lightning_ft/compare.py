@@ -274,8 +274,7 @@ def _recorder() -> Any:
 
 
 def _cli_with_recorder(args: list[str], recorder: Any, start_from: str | None = None) -> Any:
-    from lightning_ft.cli import FineTuneCLI
-    from lightning_ft.module import FineTuneModule
+    from lightning_ft.cli import FineTuneCLI, run
 
     class CompareCLI(FineTuneCLI):
         def after_instantiate_classes(self) -> None:
@@ -287,17 +286,15 @@ def _cli_with_recorder(args: list[str], recorder: Any, start_from: str | None = 
                 state = torch.load(start_from, map_location="cpu", weights_only=True)["state_dict"]
                 self.model.load_state_dict(state)
 
-    return CompareCLI(FineTuneModule, subclass_mode_data=True, save_config_kwargs={"overwrite": True}, args=args)
+    return run(args, cli_class=CompareCLI)
 
 
 def _instantiate(spec: dict[str, Any]) -> Any:
-    import importlib
+    from lightning.pytorch.cli import instantiate_class
 
     if not isinstance(spec, dict) or "class_path" not in spec:
         raise ValueError(f"--shift_data must be {{'class_path': ..., 'init_args': {{...}}}}, got {spec!r}.")
-    module, _, name = spec["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    return cls(**(spec.get("init_args") or {}))
+    return instantiate_class((), spec)  # Lightning's own: class_path + init_args, as in a config
 
 
 def _collect(model: Any, loader: Any, limit: int, features: bool = False) -> dict[str, np.ndarray]:
